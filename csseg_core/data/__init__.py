@@ -1,0 +1,36 @@
+"""VOC / ADE20K loaders, incremental views, paired transforms and the synthetic generator.
+
+Main entry: :func:`build_datasets` -> ``{"train", "val", "test"}`` torch Datasets yielding
+``(image 3xHxW float, label HxW long in model index space)``.
+"""
+
+from csseg_core.data.cache import csseg_home, default_cache_dir
+from csseg_core.data.incremental import (
+    SPLITS,
+    IncrementalSegmentation,
+    build_datasets,
+    filter_indices,
+    keep_mask,
+    label_lut,
+    read_index_list,
+)
+from csseg_core.data.io import DataFileError
+from csseg_core.data.synth import default_data_root, generate
+from csseg_core.data.transforms import EvalTransform, TrainTransform
+
+__all__ = [
+    "SPLITS",
+    "DataFileError",
+    "EvalTransform",
+    "IncrementalSegmentation",
+    "TrainTransform",
+    "build_datasets",
+    "csseg_home",
+    "default_cache_dir",
+    "default_data_root",
+    "filter_indices",
+    "generate",
+    "keep_mask",
+    "label_lut",
+    "read_index_list",
+]

@@ -1,0 +1,251 @@
+"""One continual step: ``run_step(config, step, previous_state) -> (state, metrics)``.
+
+Usage from Python (``csseg train`` wraps ``run_scenario``)::
+
+    from csseg_core.config import resolve_config
+    from csseg_core.engine import run_step
+    cfg = resolve_config("voc-15-1", "sdr", profile="smoke")
+    state, metrics = run_step(cfg, 0)          # FT on the step-0 classes, collects every statistic
+    state, metrics = run_step(cfg, 1, state)   # SDR from there
+
+The step is DDP-aware: when a ``torch.distributed`` process group exists (``torchrun`` or a Ray
+Train worker) data are sharded, gradients averaged, the confusion matrix and the prototypes
+all-reduced. It starts no process itself and never imports Ray.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
+from torch.utils.data.distributed import DistributedSampler
+
+from . import losses as L
+from .config import ExperimentConfig
+from .data import build_datasets, default_data_root
+from .errors import ConfigError, TrainingError
+from .methods import STATISTICS, Batch, Output, StepContext, build_method
+from .metrics import ConfusionMatrix, step_metrics
+from .models import build_model, load_previous
+from .scenarios import get_scenario
+from .statistics import build_collectors
+from .tensorboard import StepLogger
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size); (0, 1) without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _loader(dataset, cfg: ExperimentConfig, *, train: bool, seed: int) -> DataLoader:
+    rank, world = dist_info()
+    generator = torch.Generator().manual_seed(seed)
+    if world > 1:
+        sampler = DistributedSampler(dataset, world, rank, shuffle=train, seed=seed, drop_last=train)
+    elif train:
+        sampler = RandomSampler(dataset, generator=generator)
+    else:
+        sampler = SequentialSampler(dataset)
+    batch = cfg.batch_size if (train or cfg.crop_val) else 1
+    if train and world > 1:
+        batch = max(1, cfg.batch_size // world)  # the configured batch is the global one
+    return DataLoader(dataset, batch_size=batch, sampler=sampler, drop_last=train and len(dataset) >= batch * world,
+                      num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(), generator=generator,
+                      persistent_workers=False)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: DataLoader, num_classes: int, device: torch.device) -> ConfusionMatrix:
+    """Confusion matrix of ``model`` on ``loader`` (argmax over all channels), all-reduced."""
+    model.eval()
+    cm = ConfusionMatrix(num_classes, device=device)
+    for image, target in loader:
+        logits, _ = model(image.to(device, non_blocking=True))
+        cm.update(logits.argmax(1), target.to(device, non_blocking=True))
+    cm.all_reduce()
+    return cm
+
+
+def _check_previous(cfg: ExperimentConfig, step: int, prev_state: dict | None) -> None:
+    if step == 0:
+        return
+    if prev_state is None:
+        raise ConfigError(f"step {step} needs the state of step {step - 1}: run the earlier steps or pass --step-ckpt FILE")
+    if int(prev_state["step"]) != step - 1:
+        raise ConfigError(f"step {step} needs the state of step {step - 1}, got the state of step {prev_state['step']}")
+
+
+def run_step(cfg: ExperimentConfig, step: int, prev_state: dict | None = None, *, log_dir: str | None = None,
+             progress: bool = False) -> tuple[dict, dict]:
+    """Train and evaluate one continual step.
+
+    Args:
+        cfg: the experiment configuration.
+        step: the step to run (0 = base step, trained with FT for every method).
+        prev_state: the state returned for ``step - 1`` (required when ``step > 0``).
+        log_dir: TensorBoard directory (written by rank 0); None disables logging.
+        progress: show a progress bar (rank 0).
+
+    Returns:
+        ``(state, metrics)``; see docs/ARCHITECTURE.md for their keys.
+
+    Raises:
+        TrainingError: a loss term became NaN or infinite (nothing is written).
+    """
+    scenario = get_scenario(cfg.scenario)
+    if not 0 <= step < scenario.num_steps:
+        raise ConfigError(f"step {step} is out of range: {scenario.name} has steps 0..{scenario.num_steps - 1}")
+    _check_previous(cfg, step, prev_state)
+    rank, world = dist_info()
+    device = _device()
+    seed_everything(cfg.seed + 1000 * step + rank)
+    started = time.perf_counter()
+
+    method = build_method("ft" if step == 0 else cfg.method, {} if step == 0 else dict(cfg.params))
+    root = cfg.data_root or str(default_data_root(scenario.dataset))
+    datasets = build_datasets(scenario.dataset, root, scenario, cfg.mode, step, crop_size=cfg.crop_size,
+                              crop_val=cfg.crop_val, index_dir=cfg.index_dir, cache_images=cfg.cache_images)
+
+    classes = scenario.classes_per_step[: step + 1]
+    model = build_model(cfg.backbone, classes, output_stride=cfg.output_stride,
+                        pretrained=cfg.pretrained if step == 0 else None, head_channels=cfg.head_channels)
+    old_model, old_params, prev_stats = None, {}, {}
+    if step > 0:
+        load_previous(model, prev_state["model"])
+        prev_stats = prev_state.get("statistics", {})
+        old_params = {n: prev_state["model"][n].to(device) for n, _ in model.named_parameters() if n in prev_state["model"]}
+        if method.needs_old_model(step):
+            old_model = build_model(cfg.backbone, classes[:-1], output_stride=cfg.output_stride, pretrained=None,
+                                    head_channels=cfg.head_channels)
+            old_model.load_state_dict(prev_state["model"], strict=True)
+            old_model.to(device).eval().requires_grad_(False)
+    model.to(device)
+    if cfg.fix_bn:
+        model.fix_bn()
+    n_old = sum(classes[:-1]) if step > 0 else 0
+    collect = STATISTICS if step == 0 else method.collects
+    ctx = StepContext(step=step, mode=cfg.mode, n_old=n_old, num_classes=sum(classes), model=model, old_model=old_model,
+                      prev_statistics=prev_stats, old_params=old_params)
+    try:
+        method.setup(ctx)
+    except KeyError as err:
+        raise ConfigError(f"method {cfg.method!r} cannot start step {step}: {err.args[0]}") from None
+    ctx.collectors = build_collectors(collect, model=model, step=step, mode=cfg.mode, num_classes=sum(classes),
+                                      dim=model.body_channels, prev=prev_stats, device=device,
+                                      alpha=dict(cfg.params).get("reg_alpha", 0.9))
+
+    epochs = cfg.epochs if step == 0 else cfg.epochs_incremental
+    base_lr = cfg.lr if step == 0 else cfg.lr_incremental
+    optimizer = torch.optim.SGD(model.param_groups(cfg.weight_decay), lr=base_lr, momentum=cfg.momentum, nesterov=True,
+                                foreach=True)
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    train_loader = _loader(datasets["train"], cfg, train=True, seed=cfg.seed + step)
+    total_iters = max(1, epochs * len(train_loader))
+    logger = StepLogger(log_dir if rank == 0 else None, step, scenario, progress=progress and rank == 0,
+                        total=total_iters, log_every=cfg.log_every)
+    sums: dict[str, float] = {}
+    it, n_images, train_time = 0, 0, 0.0
+    try:
+        for epoch in range(epochs):
+            if isinstance(train_loader.sampler, DistributedSampler):
+                train_loader.sampler.set_epoch(epoch)
+            net.train()
+            if cfg.fix_bn:
+                model.fix_bn()
+            t0 = time.perf_counter()
+            for image, target in train_loader:
+                lr = base_lr * (1 - it / total_iters) ** cfg.lr_power
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                image, target = image.to(device, non_blocking=True), target.to(device, non_blocking=True)
+                logits, feats = net(image)
+                out = Output(logits, feats["body"], feats["pre_logits"])
+                batch = Batch(image, target, L.downsample_labels(target, out.body.shape[-2:]))
+                for c in ctx.collectors.values():
+                    c.observe(out.body, batch.target_small)
+                old = None
+                if old_model is not None:
+                    with torch.no_grad():
+                        o_logits, o_feats = old_model(image)
+                    old = Output(o_logits, o_feats["body"], o_feats["pre_logits"])
+                terms = method.terms(ctx, batch, out, old)
+                if cfg.fault_nan_step == step:
+                    first = next(iter(terms))
+                    terms[first] = terms[first] * float("nan")
+                loss = sum(terms.values())
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                for c in ctx.collectors.values():
+                    c.after_backward(model)
+                penalty = method.penalty(ctx)
+                if penalty is not None:
+                    terms["reg"] = penalty
+                    penalty.backward()
+                values = {k: float(v.detach()) for k, v in terms.items()}
+                bad = [k for k, v in values.items() if not math.isfinite(v)]
+                if bad:
+                    raise TrainingError(
+                        f"step {step}, iteration {it}: loss term {bad[0]!r} became {values[bad[0]]}; lower its weight "
+                        f"or the learning rate (lr={lr:.3g}); nothing of this step was saved")
+                optimizer.step()
+                for k, v in values.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                n_images += image.shape[0] * world
+                it += 1
+                logger.iteration(it, values, lr)
+            train_time += time.perf_counter() - t0
+    finally:
+        logger.close_progress()
+
+    statistics: dict[str, Any] = {}
+    for c in ctx.collectors.values():
+        statistics.update(c.finalize(model))
+    num_classes = sum(classes)
+    val_cm = evaluate(model, _loader(datasets["val"], cfg, train=False, seed=0), num_classes, device)
+    test_cm = evaluate(model, _loader(datasets["test"], cfg, train=False, seed=0), num_classes, device)
+    metrics = step_metrics(test_cm, classes[0])
+    history = list(prev_state.get("history", [])) if step > 0 else []
+    history.append(float(metrics["miou_all"]))
+    finite = [h for h in history if not math.isnan(h)]
+    metrics.update(
+        step=step,
+        miou_avg=float(np.mean(finite)) if finite else float("nan"),
+        val_miou=float(step_metrics(val_cm, classes[0])["miou_all"]),
+        losses={k: v / max(it, 1) for k, v in sums.items()},
+        wall_s=time.perf_counter() - started,
+        images_per_s=n_images / train_time if train_time > 0 else 0.0,
+        n_train_images=len(datasets["train"]),
+        iterations=it,
+    )
+    logger.step_end(metrics, model, datasets["test"], device, cfg.num_samples)
+    state = {
+        "step": step,
+        "config": cfg.to_dict(),
+        "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "statistics": statistics,
+        "history": history,
+    }
+    return state, metrics

@@ -1,0 +1,26 @@
+"""Errors that reach the user as one line (the CLI prints ``str(err)`` and exits non-zero).
+
+Every message names the offending thing (file, key, value) and the fix.
+"""
+
+from __future__ import annotations
+
+
+class CssegError(Exception):
+    """Base class of every user-facing csseg error."""
+
+    exit_code = 2
+
+
+class ConfigError(CssegError):
+    """An unknown scenario, method, option, key or a value of the wrong type."""
+
+
+class DataError(CssegError):
+    """A missing data root or list file, a corrupt image, a bad label map, an empty step."""
+
+
+class TrainingError(CssegError):
+    """Training cannot go on (e.g. a loss term became NaN or infinite)."""
+
+    exit_code = 3

@@ -1,0 +1,39 @@
+"""Evaluate a saved state on the test split of its step (``csseg test``)."""
+
+from __future__ import annotations
+
+import torch
+
+from .config import ExperimentConfig
+from .data import build_datasets, default_data_root
+from .engine import _device, _loader, evaluate
+from .metrics import step_metrics
+from .models import build_model
+from .scenarios import get_scenario
+
+
+def evaluate_state(state: dict, *, data_root: str | None = None, crop_val: bool = True, split: str = "test") -> dict:
+    """Metrics of ``state``'s model on ``split`` of its own step (classes seen so far)."""
+    cfg = ExperimentConfig.from_dict(state["config"])
+    overrides = {"crop_val": crop_val}
+    if data_root:
+        overrides["data_root"] = data_root
+    cfg = cfg.replace(**overrides)
+    scenario = get_scenario(cfg.scenario)
+    step = int(state["step"])
+    classes = scenario.classes_per_step[: step + 1]
+    root = cfg.data_root or str(default_data_root(scenario.dataset))
+    datasets = build_datasets(scenario.dataset, root, scenario, cfg.mode, step, crop_size=cfg.crop_size,
+                              crop_val=cfg.crop_val, index_dir=cfg.index_dir, splits=(split,),
+                              cache_images=False)
+    model = build_model(cfg.backbone, classes, output_stride=cfg.output_stride, pretrained=None,
+                        head_channels=cfg.head_channels)
+    model.load_state_dict(state["model"], strict=True)
+    device = _device()
+    model.to(device)
+    with torch.no_grad():
+        cm = evaluate(model, _loader(datasets[split], cfg, train=False, seed=0), sum(classes), device)
+    metrics = step_metrics(cm, classes[0])
+    metrics["step"] = step
+    metrics["class_names"] = list(scenario.class_names())[: sum(classes)]
+    return metrics

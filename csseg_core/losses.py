@@ -1,0 +1,376 @@
+"""Pure loss functions of the continual methods (FT, LwF, LwF-MC, ILT, EWC/PI/RW, MiB, CIL, SDR).
+
+Every function maps tensors to a scalar tensor, keeps no state and applies no loss weight (the
+method multiplies by its own weight). Pixel losses reduce as the reference does: mean over all
+B×H×W pixels, ignored (255) pixels contributing 0 but counting in the denominator, so the
+published loss weights keep their meaning. Teacher tensors (old logits, old features,
+prototypes) are detached. When nothing applies (e.g. every label is 255) the result is a zero
+that keeps a grad path, never NaN. Where we implement the intended maths instead of the
+reference code's behaviour, ``docs/DEPARTURES.md`` says so.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+IGNORE_INDEX = 255
+NORMALIZATIONS = ("L1", "L2", "max_foreachfeature", "max_maskedforclass", "max_overall", "softmax")
+SHRINKINGS = ("squared", "power3", "exponential")
+SPARSITY_KINDS = ("ratio", "lasso", "entropy")
+_EPS = 1e-15  # reference epsilon of the sparsity loss
+
+
+def _zero(t: Tensor) -> Tensor:
+    """A 0 scalar on ``t``'s graph (an empty sum: never NaN, even if ``t`` holds inf/NaN)."""
+    return t.reshape(-1)[:0].sum()
+
+
+def _check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; allowed values: {', '.join(allowed)}")
+
+
+def _n_old(logits: Tensor, old_logits: Tensor) -> int:
+    n_old = old_logits.shape[1]
+    if not 1 <= n_old <= logits.shape[1]:
+        raise ValueError(f"old logits have {n_old} channels, current logits {logits.shape[1]}")
+    return n_old
+
+
+def _pixels(features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-pixel feature vectors (B·h·w × D) and their labels (B·h·w), gathered pixel-wise."""
+    b, d, h, w = features.shape
+    if tuple(labels.shape) != (b, h, w):
+        raise ValueError(f"labels of shape {tuple(labels.shape)} do not match features {(b, d, h, w)};"
+                         " downsample them with downsample_labels(target, features.shape[-2:])")
+    return features.permute(0, 2, 3, 1).reshape(-1, d), labels.reshape(-1).long()
+
+
+def _bins(lab: Tensor, valid: Tensor, n: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Bin index per pixel (0 where invalid) and pixel counts per bin (float)."""
+    idx = torch.where(valid, lab, torch.zeros_like(lab))
+    return idx, torch.zeros(n, dtype=dtype, device=lab.device).index_add(0, idx, valid.to(dtype))
+
+
+def _class_stats(flat: Tensor, lab: Tensor, valid: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-class feature sums (n × D, with grad), pixel counts (n, float) and the bin index per pixel."""
+    idx, counts = _bins(lab, valid, n, flat.dtype)
+    sums = flat.new_zeros(n, flat.shape[1]).index_add(0, idx, flat * valid.to(flat.dtype)[:, None])
+    return sums, counts, idx
+
+
+def downsample_labels(target: Tensor, size) -> Tensor:
+    """Nearest-neighbour downsampling of a label map, as ``F.interpolate(mode='nearest')``.
+
+    Args:
+        target: B×H×W integer labels.
+        size: output size ``h`` or ``(h, w)`` (e.g. ``features.shape[-2:]``).
+
+    Returns:
+        B×h×w labels with ``target``'s dtype (255 stays 255).
+    """
+    size = tuple(size) if not isinstance(size, int) else (size, size)
+    return F.interpolate(target[:, None].float(), size=size, mode="nearest")[:, 0].to(target.dtype)
+
+
+def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Plain cross-entropy, ℓ = mean_pixels[−log softmax(x)_y · 𝟙(y ≠ ignore)].
+
+    Args:
+        logits: B×C×H×W. target: B×H×W class indices. ignore_index: label that contributes 0.
+    """
+    return F.cross_entropy(logits, target.long(), ignore_index=ignore_index, reduction="none").mean()
+
+
+def unbiased_cross_entropy(logits: Tensor, target: Tensor, n_old: int,
+                           ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """MiB unbiased cross-entropy: the background absorbs every old class.
+
+    log p̃_0 = logsumexp(x_{0..n_old−1}) − logsumexp(x), log p̃_c = x_c − logsumexp(x) for c ≥ n_old;
+    labels y < n_old become 0; ℓ = mean_pixels[−log p̃_y · 𝟙(y ≠ ignore)]. Equals CE when n_old = 1.
+
+    Args:
+        logits: B×C×H×W. target: B×H×W. n_old: old classes incl. background (1 ≤ n_old ≤ C).
+        ignore_index: label that contributes 0.
+    """
+    if not 1 <= n_old <= logits.shape[1]:
+        raise ValueError(f"n_old must be in [1, {logits.shape[1]}], got {n_old}")
+    den = torch.logsumexp(logits, dim=1, keepdim=True)
+    logp = torch.cat([torch.logsumexp(logits[:, :n_old], dim=1, keepdim=True), logits[:, n_old:]], 1) - den
+    target = target.long()
+    valid = target != ignore_index
+    idx = torch.where(target < n_old, torch.zeros_like(target), target - n_old + 1)
+    idx = torch.where(valid, idx, torch.zeros_like(idx))
+    nll = -logp.gather(1, idx[:, None])[:, 0]
+    return torch.where(valid, nll, torch.zeros_like(nll)).mean()
+
+
+def knowledge_distillation(logits: Tensor, old_logits: Tensor, alpha: float = 1.0) -> Tensor:
+    """LwF/ILT distillation on the first C_old channels.
+
+    ℓ = −mean_pixels[(1/C_old) Σ_{c<C_old} softmax(α x^old)_c · log_softmax(x_{:C_old})_c].
+
+    Args:
+        logits: B×C×H×W current logits. old_logits: B×C_old×H×W (detached). alpha: teacher scale.
+    """
+    n_old = _n_old(logits, old_logits)
+    q = torch.softmax(alpha * old_logits.detach(), dim=1)
+    logp = torch.log_softmax(logits[:, :n_old], dim=1)
+    return -(q * logp).sum(dim=1).mean() / n_old
+
+
+def unbiased_knowledge_distillation(logits: Tensor, old_logits: Tensor, alpha: float = 1.0) -> Tensor:
+    """MiB unbiased distillation: the old background matches background + new classes.
+
+    q = softmax(α x^old); log p̂_bg = logsumexp(x_{{0} ∪ new}) − logsumexp(x);
+    log p̂_c = x_c − logsumexp(x) (c = 1..C_old−1);
+    ℓ = −mean_pixels[(q_0 log p̂_bg + Σ_c q_c log p̂_c) / C_old]. Equals KD with no new channel.
+
+    Args:
+        logits: B×C×H×W current logits. old_logits: B×C_old×H×W (detached). alpha: teacher scale.
+    """
+    n_old = _n_old(logits, old_logits)
+    den = torch.logsumexp(logits, dim=1)
+    logp_bg = torch.logsumexp(torch.cat([logits[:, :1], logits[:, n_old:]], 1), dim=1) - den
+    logp_old = logits[:, 1:n_old] - den[:, None]
+    q = torch.softmax(alpha * old_logits.detach(), dim=1)
+    return -(q[:, 0] * logp_bg + (q[:, 1:] * logp_old).sum(dim=1)).mean() / n_old
+
+
+def bce_with_ignore(logits: Tensor, target: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """LwF-MC classification term: per-class BCE against one-hot targets, summed over classes.
+
+    ℓ = mean_pixels[𝟙(y ≠ ignore) Σ_c BCEWithLogits(x_c, 𝟙(y = c))].
+
+    Args:
+        logits: B×C×H×W. target: B×H×W. ignore_index: label that contributes 0.
+    """
+    target = target.long()
+    classes = torch.arange(logits.shape[1], device=logits.device).view(1, -1, 1, 1)
+    onehot = (target[:, None] == classes).to(logits.dtype)
+    loss = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none").sum(dim=1)
+    return torch.where(target != ignore_index, loss, torch.zeros_like(loss)).mean()
+
+
+def icarl_distillation(logits: Tensor, old_logits: Tensor) -> Tensor:
+    """LwF-MC (iCaRL) distillation: ℓ = C_old · mean(BCEWithLogits(x_{:C_old}, sigmoid(x^old))).
+
+    Args:
+        logits: B×C×H×W. old_logits: B×C_old×H×W (detached). The mean runs over B×C_old×H×W.
+    """
+    n_old = _n_old(logits, old_logits)
+    return n_old * F.binary_cross_entropy_with_logits(logits[:, :n_old], torch.sigmoid(old_logits.detach()))
+
+
+def feature_distillation(features: Tensor, old_features: Tensor) -> Tensor:
+    """ILT feature distillation: ℓ = mean over all elements of (F − F^old)².
+
+    Args:
+        features: B×D×h×w current body features. old_features: same shape (detached).
+    """
+    return F.mse_loss(features, old_features.detach())
+
+
+def cil_distillation(logits: Tensor, old_logits: Tensor, target: Tensor,
+                     gradient_scale: float = 1.0, temperature: float = 1.0) -> Tensor:
+    """CIL (Klingner et al. 2020) distillation with entropy-based gradient scaling, intended form.
+
+    x̃^old = old logits zero-padded to C channels; w = 1 + gs · H(softmax(x̃^old)) / ln 2 (bits);
+    ℓ = T² · (1/(B·H·W)) Σ_{pixels, y=0} w · (−Σ_c softmax(x̃^old/T)_c · log_softmax(x/T)_c).
+    Only background-labelled pixels distil (255 excluded); the mean runs over all pixels.
+
+    Args:
+        logits: B×C×H×W. old_logits: B×C_old×H×W (detached). target: B×H×W.
+        gradient_scale: gs (the reference passes its ``loss_CIL`` weight). temperature: T.
+    """
+    n_old = _n_old(logits, old_logits)
+    old = F.pad(old_logits.detach(), (0, 0, 0, 0, 0, logits.shape[1] - n_old))
+    log_q1 = torch.log_softmax(old, dim=1)
+    weight = 1.0 + gradient_scale * (-(log_q1.exp() * log_q1).sum(dim=1)) / math.log(2.0)
+    q = torch.softmax(old / temperature, dim=1)
+    ce = -(q * torch.log_softmax(logits / temperature, dim=1)).sum(dim=1)
+    per_pixel = torch.where(target == 0, weight * ce, torch.zeros_like(ce))
+    return temperature ** 2 * per_pixel.mean()
+
+
+def feature_sparsity(features: Tensor, labels: Tensor | None, normalization: str = "max_maskedforclass",
+                     shrinking: str = "exponential", kind: str = "ratio") -> Tensor:
+    """SDR feature sparsity L_sp.
+
+    f̄ = normalised F (per pixel over channels: ``L1``, ``L2``, ``max_foreachfeature``, ``softmax``;
+    ``max_overall``: global max; ``max_maskedforclass``: each class of ``labels`` (incl. 0 and
+    255) divided by the max over all channels/pixels of that class; 0 if only class 0 is present).
+    ``ratio``: mean_pixels[Σ_j s(f̄_j) / (Σ_j f̄_j + 1e-15)] with s = x², x³ or exp(x);
+    ``entropy``: mean_pixels[−Σ_j f̄_j log(f̄_j + 1e-10)]; ``lasso``: ‖F‖₁ / 2 (raw F, whole tensor).
+    As in the reference the value is 0 when Σ f̄ ≤ 0. Meant for non-negative (post-ReLU) features;
+    half precision is computed in float32.
+
+    Args:
+        features: B×D×h×w. labels: B×h×w labels at feature resolution (only for max_maskedforclass).
+        normalization, shrinking, kind: see above; anything else raises ValueError.
+    """
+    _check_choice("normalization", normalization, NORMALIZATIONS)
+    _check_choice("shrinking", shrinking, SHRINKINGS)
+    _check_choice("kind", kind, SPARSITY_KINDS)
+    x = features.float() if features.dtype in (torch.float16, torch.bfloat16) else features
+    if normalization == "L1":
+        xn = F.normalize(x, p=1, dim=1)
+    elif normalization == "L2":
+        xn = F.normalize(x, p=2, dim=1)
+    elif normalization == "max_foreachfeature":
+        xn = x / (x.amax(dim=1, keepdim=True) + _EPS)
+    elif normalization == "max_overall":
+        xn = x / (x.max() + _EPS)
+    elif normalization == "softmax":
+        xn = torch.softmax(x, dim=1)
+    else:  # max_maskedforclass
+        if labels is None:
+            raise ValueError("feature_sparsity(normalization='max_maskedforclass') needs labels")
+        _pixels(x, labels)  # shape check
+        classes, inv = torch.unique(labels.long(), return_inverse=True)
+        if classes.numel() == 1 and int(classes[0]) == 0:
+            return _zero(features)
+        pix_max = x.amax(dim=1)  # B×h×w
+        cls_max = pix_max.new_full((classes.numel(),), -math.inf).scatter_reduce(
+            0, inv.reshape(-1), pix_max.reshape(-1), reduce="amax")
+        xn = x / (cls_max[inv] + _EPS)[:, None]
+    if kind == "lasso":
+        value = x.abs().sum() / 2
+    elif kind == "entropy":
+        value = (-(xn * torch.log(xn + 1e-10)).sum(dim=1)).mean()
+    else:
+        shrunk = {"squared": lambda t: t ** 2, "power3": lambda t: t ** 3, "exponential": torch.exp}[shrinking]
+        value = (shrunk(xn).sum(dim=1) / (xn.sum(dim=1) + _EPS)).mean()
+    return torch.where(xn.sum() > 0, value, torch.zeros_like(value))
+
+
+def class_feature_sums(features: Tensor, labels: Tensor, num_classes: int,
+                       ignore_index: int = IGNORE_INDEX) -> tuple[Tensor, Tensor]:
+    """Per-class sums of per-pixel feature vectors and pixel counts (for prototypes).
+
+    sums[c] = Σ_{i: y_i = c} f_i, counts[c] = |{i: y_i = c}|; pixels labelled ``ignore_index`` or
+    outside [0, num_classes) are skipped. Additive over batches; not detached (detach to store).
+
+    Args:
+        features: B×D×h×w. labels: B×h×w at feature resolution. num_classes: number of bins.
+        ignore_index: skipped label.
+
+    Returns:
+        ``(sums [num_classes, D] in features' dtype, counts [num_classes] long)``.
+    """
+    flat, lab = _pixels(features, labels)
+    valid = (lab != ignore_index) & (lab >= 0) & (lab < num_classes)
+    sums, _, idx = _class_stats(flat, lab, valid, num_classes)
+    counts = torch.zeros(num_classes, dtype=torch.long, device=lab.device).index_add_(0, idx, valid.long())
+    return sums, counts
+
+
+def prototype_matching(features: Tensor, pseudo_labels: Tensor, prototypes: Tensor,
+                       sum_after: bool = True) -> Tensor:
+    """SDR prototype matching L_pm over the old classes c ≠ 0 present in ``pseudo_labels``.
+
+    MSE(a, b) = mean over D of (a − b)²; p̂_c = mean of the current features of class c;
+    sum_after: ℓ = (1/K) Σ_c MSE(p̂_c, p_c); otherwise ℓ = Σ_c mean_{i ∈ c} MSE(f_i, p_c).
+
+    Args:
+        features: B×D×h×w current body features. pseudo_labels: B×h×w old-class pseudo labels at
+            feature resolution (0 = not an old class, 255 ignored). prototypes: N×D stored
+            prototypes (detached); labels ≥ N are skipped. sum_after: SDR preset True.
+    """
+    flat, lab = _pixels(features, pseudo_labels)
+    n = prototypes.shape[0]
+    proto = prototypes.detach().to(device=flat.device, dtype=flat.dtype)
+    valid = (lab >= 1) & (lab < n)
+    sums, counts, idx = _class_stats(flat, lab, valid, n)
+    present = counts > 0
+    if sum_after:
+        means = sums / counts.clamp_min(1)[:, None]
+        per_class = ((means - proto) ** 2).mean(dim=1)
+        return torch.where(present, per_class, torch.zeros_like(per_class)).sum() / present.sum().clamp_min(1)
+    err = torch.where(valid, ((flat - proto[idx]) ** 2).mean(dim=1), flat.new_zeros(()))
+    return (flat.new_zeros(n).index_add(0, idx, err) / counts.clamp_min(1)).sum()
+
+
+def attraction(features: Tensor, labels: Tensor, prototypes: Tensor) -> Tensor:
+    """SDR attractive contrastive term L_cl^a: pull features towards their class prototype.
+
+    ℓ = (1/K) Σ_{c present} mean_{i: y_i = c} MSE(f_i, p_c), MSE = mean over D, K = number of
+    classes present (255 and labels ≥ N skipped); divided by K once.
+
+    Args:
+        features: B×D×h×w. labels: B×h×w at feature resolution. prototypes: N×D (detached).
+    """
+    flat, lab = _pixels(features, labels)
+    n = prototypes.shape[0]
+    proto = prototypes.detach().to(device=flat.device, dtype=flat.dtype)
+    valid = (lab >= 0) & (lab < n) & (lab != IGNORE_INDEX)
+    idx, counts = _bins(lab, valid, n, flat.dtype)
+    err = torch.where(valid, ((flat - proto[idx]) ** 2).mean(dim=1), flat.new_zeros(()))
+    per_class = flat.new_zeros(n).index_add(0, idx, err) / counts.clamp_min(1)
+    return per_class.sum() / (counts > 0).sum().clamp_min(1)
+
+
+def repulsion(features: Tensor, labels: Tensor) -> Tensor:
+    """SDR repulsive contrastive term L_cl^r: push on-batch class means apart.
+
+    p̂_c = mean of the features of class c (255 skipped); ℓ = mean over ordered pairs j ≠ k of
+    1 / ‖p̂_j − p̂_k‖₂; 0 with fewer than 2 classes. Pairs of identical means (1/0) are left out
+    of the mean, as the reference's ``isinf`` filter does.
+
+    Args:
+        features: B×D×h×w. labels: B×h×w at feature resolution.
+    """
+    flat, lab = _pixels(features, labels)
+    classes, inv = torch.unique(lab, return_inverse=True)
+    keep = classes != IGNORE_INDEX
+    k = int(keep.sum())
+    if k < 2:
+        return _zero(features)
+    sums, counts, _ = _class_stats(flat, inv, lab != IGNORE_INDEX, classes.numel())
+    means = (sums / counts.clamp_min(1)[:, None])[keep]
+    sq = ((means[:, None] - means[None]) ** 2).sum(dim=-1)
+    pairs = (sq > 0) & ~torch.eye(k, dtype=torch.bool, device=means.device)
+    inv_dist = torch.where(pairs, sq.clamp_min(1e-30).rsqrt(), torch.zeros_like(sq))
+    return inv_dist.sum() / pairs.sum().clamp_min(1)
+
+
+def min_max_normalize(t: Tensor) -> Tensor:
+    """Min-max normalisation of an importance tensor: (t − min t) / (max t − min t + 1e-8).
+
+    Args:
+        t: any tensor (a constant tensor maps to zeros).
+    """
+    return (t - t.min()) / (t.max() - t.min() + 1e-8)
+
+
+def ewc_penalty(params, old_params, importance) -> Tensor:
+    """Quadratic importance penalty of EWC / PI / RW: Σ_n Σ F_n ⊙ (θ_n − θ_n^old)².
+
+    Args:
+        params: current parameters, a sequence of tensors or a name → tensor mapping.
+        old_params: previous-step parameters (detached), same structure.
+        importance: per-parameter importance F_n (detached; normalise with min_max_normalize).
+            With mappings, only names present in all three are penalised (new classifiers are not).
+    """
+    if isinstance(params, Mapping):
+        keys = [k for k in params if k in old_params and k in importance]
+        triples = [(params[k], old_params[k], importance[k], k) for k in keys]
+    else:
+        params, old_params, importance = list(params), list(old_params), list(importance)
+        if not len(params) == len(old_params) == len(importance):
+            raise ValueError(f"ewc_penalty got {len(params)} params, {len(old_params)} old params"
+                             f" and {len(importance)} importances")
+        triples = [(p, o, f, i) for i, (p, o, f) in enumerate(zip(params, old_params, importance))]
+    total = None
+    for p, old, imp, name in triples:
+        if p.shape != old.shape or p.shape != imp.shape:
+            raise ValueError(f"ewc_penalty: parameter {name!r} has shape {tuple(p.shape)}, old"
+                             f" {tuple(old.shape)}, importance {tuple(imp.shape)}")
+        term = (imp.detach() * (p - old.detach()) ** 2).sum()
+        total = term if total is None else total + term
+    return total if total is not None else torch.zeros(())

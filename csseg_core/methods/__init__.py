@@ -1,0 +1,21 @@
+"""Continual methods: one registered module each (FT, LwF, LwF-MC, ILT, EWC, PI, RW, MiB, CIL, SDR)."""
+
+from . import ft, lwf, lwf_mc, ilt, regularizers, mib, cil, sdr  # noqa: F401  (registration)
+from .base import (
+    STATISTICS,
+    Batch,
+    Method,
+    Output,
+    StepContext,
+    build_method,
+    canonical_method,
+    get_method,
+    list_methods,
+    method_defaults,
+    register_method,
+)
+
+__all__ = [
+    "STATISTICS", "Batch", "Method", "Output", "StepContext", "build_method", "canonical_method",
+    "get_method", "list_methods", "method_defaults", "register_method",
+]

@@ -1,0 +1,70 @@
+"""SDR (Michieli & Zanuttigh, CVPR 2021): MiB's unbiased CE and KD plus four latent-space
+constraints on the backbone features: prototype matching, attraction to the class
+prototypes, repulsion between on-batch class centroids, and feature sparsity.
+
+Defaults are the reference ``--method SDR`` preset. Prototypes are running means of the
+``body`` features per class, collected at every step (all-reduced across workers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+
+from .. import losses as L
+from .base import Method, register_method
+from .mib import UnbiasedMixin
+
+
+@dataclass(frozen=True)
+class SDRParams:
+    kd: float = 100.0
+    """Weight of the unbiased knowledge distillation."""
+    alpha: float = 1.0
+    pm: float = 0.01
+    """Weight of prototype matching (reference ``loss_de_prototypes``)."""
+    pm_sum_after: bool = True
+    """Match batch class means to prototypes (True) or every feature to its prototype."""
+    attraction: float = 1e-3
+    """Weight of the attractive contrastive term (reference ``loss_fc``)."""
+    repulsion: float = 1e-3
+    """Weight of the repulsive contrastive term (reference ``lfc_sep_clust``)."""
+    sparsity: float = 1e-3
+    """Weight of feature sparsity (reference ``loss_featspars``)."""
+    sparsity_norm: str = "max_maskedforclass"
+    sparsity_shrink: str = "exponential"
+    sparsity_kind: str = "ratio"
+    init_balanced: bool = False
+    """The SDR preset does not use MiB's balanced init; set True to add it."""
+
+
+@register_method
+class SDR(UnbiasedMixin, Method):
+    name = "sdr"
+    Params = SDRParams
+    collects = ("prototypes",)
+
+    def needs_old_model(self, step):
+        return step > 0 and (self.params.kd > 0 or self.params.pm > 0)
+
+    def distillation(self, ctx, batch, out, old):
+        p = self.params
+        terms = self.unkd(out, old)
+        feats, labels = out.body, batch.target_small
+        protos = ctx.collectors["prototypes"]
+        if p.pm > 0:
+            if ctx.mode == "sequential":
+                pseudo = labels * (labels < ctx.n_old)
+            else:
+                old_pred = old.logits.argmax(1, keepdim=True).float()
+                pseudo = F.interpolate(old_pred, size=labels.shape[-2:], mode="nearest")[:, 0].long()
+                pseudo = pseudo * (labels == 0)
+            terms["pm"] = p.pm * L.prototype_matching(feats, pseudo, protos.previous, p.pm_sum_after)
+        if p.attraction > 0:
+            terms["attraction"] = p.attraction * L.attraction(feats, labels, protos.current)
+        if p.repulsion > 0:
+            terms["repulsion"] = p.repulsion * L.repulsion(feats, labels)
+        if p.sparsity > 0:
+            terms["sparsity"] = p.sparsity * L.feature_sparsity(feats, labels, p.sparsity_norm, p.sparsity_shrink, p.sparsity_kind)
+        return terms

@@ -1,0 +1,111 @@
+"""Run the steps of one configuration and keep everything on disk.
+
+``run_scenario`` writes, under ``out_dir``:
+
+* ``config.yaml``: the resolved configuration (loadable by ``csseg train --config``);
+* ``checkpoints/step<k>-<key>.pt``: the state after step k, named by its content hash and
+  written atomically, so an interrupted run never leaves a half file and a rerun of the same
+  configuration resumes after the last finished step;
+* ``tensorboard/``: the events of every step;
+* ``steps.parquet``: one row per step (see :func:`csseg_core.results.step_row`).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable, Iterable
+
+import yaml
+
+from .config import ExperimentConfig
+from .engine import dist_info, run_step
+from .errors import CssegError, ConfigError
+from .results import append_rows, step_row
+from .state import load_state, save_state
+
+
+def checkpoint_path(out_dir: str | Path, cfg: ExperimentConfig, step: int) -> Path:
+    return Path(out_dir) / "checkpoints" / f"step{step}-{cfg.step_key(step)}.pt"
+
+
+def write_config(cfg: ExperimentConfig, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def format_metrics(m: dict) -> str:
+    """``all 61.3 | old 70.1 | new 12.0 | avg 65.2`` (percentages, one decimal)."""
+    def pct(x):
+        return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+    return " | ".join(f"{k} {pct(m.get('miou_' + k))}" for k in ("all", "old", "new", "avg"))
+
+
+def run_scenario(cfg: ExperimentConfig, out_dir: str | Path, *, steps: Iterable[int] | None = None,
+                 start_state: dict | None = None, progress: bool = True, resume: bool = True,
+                 echo: Callable[[str], None] = print) -> list[dict]:
+    """Run ``steps`` (default: all) of ``cfg``, chaining states, writing results under ``out_dir``.
+
+    Args:
+        cfg: the configuration.
+        out_dir: the run directory (created; must be writable).
+        steps: the steps to run, increasing and contiguous; the state before the first one
+            comes from ``start_state`` or from ``out_dir``'s checkpoints.
+        start_state: the state of the step before the first one (``--step-ckpt``).
+        progress: show progress bars.
+        resume: reuse finished steps whose checkpoint (same content hash) exists.
+        echo: where one-line summaries go.
+
+    Returns:
+        The metrics of each step run (or reused).
+    """
+    out_dir = Path(out_dir)
+    rank, _ = dist_info()
+    steps = list(range(cfg.num_steps) if steps is None else steps)
+    if rank == 0:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            write_config(cfg, out_dir / "config.yaml")
+        except OSError as err:
+            raise ConfigError(f"cannot write to output directory {out_dir} ({err.strerror}); pass a writable --out DIR") from None
+    state = start_state
+    if steps and steps[0] > 0 and state is None:
+        prev = checkpoint_path(out_dir, cfg, steps[0] - 1)
+        if not prev.exists():
+            raise ConfigError(f"step {steps[0]} needs {prev} (step {steps[0] - 1} of this configuration); "
+                              f"run that step first or pass --step-ckpt FILE")
+        state = load_state(prev)
+    results = []
+    for step in steps:
+        ckpt = checkpoint_path(out_dir, cfg, step)
+        if resume and ckpt.exists():
+            state = load_state(ckpt)
+            metrics = _reused_metrics(out_dir, step, cfg.step_key(step))
+            if metrics is not None:
+                echo(f"step {step}: reusing {ckpt.name} | {format_metrics(metrics)}")
+                results.append(metrics)
+                continue
+        try:
+            state, metrics = run_step(cfg, step, state, log_dir=str(out_dir / "tensorboard") if rank == 0 else None,
+                                      progress=progress)
+        except CssegError as err:
+            done = f"; finished steps are in {out_dir}" if step > steps[0] else ""
+            raise type(err)(f"{err}{done}") from None
+        if rank == 0:
+            save_state(state, ckpt)
+            append_rows(out_dir / "steps.parquet", [step_row(cfg, metrics, run=out_dir.name)], key=("step",))
+            echo(f"step {step}: {format_metrics(metrics)} | {metrics['wall_s']:.1f}s | "
+                 f"{metrics['images_per_s']:.0f} img/s | {metrics['n_train_images']} train images")
+        results.append(metrics)
+    return results
+
+
+def _reused_metrics(out_dir: Path, step: int, key: str) -> dict | None:
+    from .results import read_rows
+
+    for row in read_rows(out_dir / "steps.parquet"):
+        if row.get("step") == step and row.get("step_key") == key:
+            return {**row, "class_iou": row.get("class_iou") or []}
+    return None

@@ -1,0 +1,67 @@
+"""Step states: plain dicts that ``torch.save`` and ``torch.load(weights_only=True)`` handle.
+
+A state is ``{"step", "config", "model", "statistics", "history"}``: model weights, the
+statistics later steps need (prototypes, EWC Fisher, PI and RW scores), the resolved config
+and the ``miou_all`` of every step so far. ``state_to_numpy`` / ``state_from_numpy`` convert
+it for the Ray object store (numpy arrays travel zero-copy; they come back read-only, so
+``state_from_numpy`` copies them).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import ConfigError
+
+
+def _map(obj: Any, fn_leaf) -> Any:
+    if isinstance(obj, dict):
+        return {k: _map(v, fn_leaf) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map(v, fn_leaf) for v in obj)
+    return fn_leaf(obj)
+
+
+def state_to_numpy(state: dict) -> dict:
+    """Return a copy of ``state`` whose tensors are numpy arrays (for the object store)."""
+    return _map(state, lambda v: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v)
+
+
+def state_from_numpy(state: dict) -> dict:
+    """Inverse of :func:`state_to_numpy`; arrays are copied (object-store arrays are read-only)."""
+    return _map(state, lambda v: torch.from_numpy(np.array(v, copy=True)) if isinstance(v, np.ndarray) else v)
+
+
+def save_state(state: dict, path: str | os.PathLike) -> Path:
+    """Write ``state`` atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_state(path: str | os.PathLike) -> dict:
+    """Load a state with ``weights_only=True`` (a checkpoint never executes code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {path} does not exist; pass the .pt file written by `csseg train`")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file
+        raise ConfigError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); it is not a csseg state") from None
+    if not isinstance(state, dict) or "model" not in state or "step" not in state:
+        raise ConfigError(f"checkpoint {path} is not a csseg step state (no 'model'/'step' keys)")
+    return state

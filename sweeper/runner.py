@@ -1,0 +1,251 @@
+"""``run_sweep(spec)``: one Tuner + one Optuna study per grid cell, resumable, never stopped by a trial.
+
+    from sweeper import SweepSpec, run_sweep
+    sweep_dir = run_sweep(SweepSpec(scenarios=("voc-15-1",), method="sdr", trials=50))
+
+Layout of ``<storage>/<name>/``: ``sweep.json`` (spec, identity, progress, step-0 counts),
+``steps.parquet`` + ``trials.parquet``, ``optuna-<cell>.log`` (Optuna journal, readable by
+optuna-dashboard), ``tune/<cell>/`` (Tune experiment), ``train/<trial_id>/`` (Ray Train runs
+and step checkpoints), ``step0/<key>.pt`` (shared step-0 states), ``tb/`` (TensorBoard) and
+``rows/`` (per-trial fragments merged into the tables).
+
+The driver trainable asks for no CPU (``{"CPU": 0, "memory": 1 MiB}``): with 2 CPUs and two
+1-CPU trials even a fractional driver CPU (2 × 1.01 > 2) leaves a Train worker unplaced
+forever (the deadlock of ray#54305); concurrency is sized from the workers' needs instead.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+
+from csseg_core.errors import ConfigError
+from search_spaces import GridCell, to_optuna
+
+from .cache import get_cache, kill_cache
+from .spec import Plan, SweepSpec, plan_sweep, spec_to_dict
+from .tables import TRIALS, merge_trial, read_json, read_table, started_trials, write_json
+from .trial import trial_driver
+
+DRIVER_RESOURCES = {"CPU": 0, "memory": 1 << 20}
+
+
+def log(message: str) -> None:
+    print(f"[csseg sweep] {message}", flush=True)
+
+
+class TablesCallback(tune.Callback):
+    """Merges each finished trial's fragments into the Parquet tables (driver process only)."""
+
+    def __init__(self, sweep_dir: str) -> None:
+        self.sweep_dir = sweep_dir
+
+    def _merge(self, trial, ended: str) -> None:
+        try:
+            error = None
+            if ended == "error" and getattr(trial, "error_file", None) and Path(trial.error_file).exists():
+                error = Path(trial.error_file).read_text().strip().splitlines()[-1][:500]
+            merge_trial(self.sweep_dir, trial.trial_id, ended=ended, error=error)
+        except Exception as err:  # noqa: BLE001 - a table problem must never stop the sweep
+            log(f"could not record trial {trial.trial_id}: {type(err).__name__}: {err} (merged again at the cell's end)")
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._merge(trial, "complete")
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._merge(trial, "error")
+
+
+# ---------------------------------------------------------------------------- ray
+def init_ray(spec: SweepSpec) -> bool:
+    """Start (or join) Ray; returns True if this call connected and must shut it down."""
+    if ray.is_initialized():
+        return False
+    env = {"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}}
+    if spec.address:
+        ctx = ray.init(address=spec.address, runtime_env=env)
+    else:
+        try:
+            ctx = ray.init(include_dashboard=spec.dashboard, dashboard_host="127.0.0.1", runtime_env=env)
+        except Exception as err:  # noqa: BLE001 - minimal ray: go on without the dashboard
+            log(f"Ray dashboard unavailable ({err}); starting without it")
+            ctx = ray.init(include_dashboard=False, runtime_env=env)
+    url = getattr(ctx, "dashboard_url", None)
+    if url:
+        log(f"Ray dashboard: http://{url}  (token: `ray get-auth-token`)")
+    return True
+
+
+def size_concurrency(spec: SweepSpec, resources: dict[str, float]) -> int:
+    """Concurrent trials the cluster holds (each needs all its workers at once), capped by spec and trials."""
+    need_cpu = spec.workers_per_trial * spec.cpus_per_worker
+    need_gpu = spec.workers_per_trial * spec.gpus_per_worker
+    fits = math.floor(resources.get("CPU", 0.0) / need_cpu + 1e-9)
+    if need_gpu:
+        fits = min(fits, math.floor(resources.get("GPU", 0.0) / need_gpu + 1e-9))
+    if fits < 1:
+        raise ConfigError(
+            f"a trial needs {spec.workers_per_trial} worker(s) x ({spec.cpus_per_worker:g} CPU, {spec.gpus_per_worker:g} GPU) "
+            f"but the cluster has {resources.get('CPU', 0):g} CPUs and {resources.get('GPU', 0):g} GPUs; "
+            "lower --workers-per-trial / --gpus-per-worker or join a bigger cluster")
+    if spec.concurrency is not None and spec.concurrency > fits:
+        log(f"concurrency {spec.concurrency} lowered to {fits}: the cluster holds {fits} trial(s) at once")
+    return max(1, min(fits if spec.concurrency is None else min(spec.concurrency, fits), spec.trials))
+
+
+# ---------------------------------------------------------------------------- sweep folder
+def _json_roundtrip(d: Any) -> Any:
+    return json.loads(json.dumps(d, sort_keys=True, default=str))
+
+
+def prepare_dir(plan: Plan) -> dict:
+    """Create ``sweep.json`` or check it belongs to the same sweep; returns its content."""
+    path = plan.sweep_dir / "sweep.json"
+    state = read_json(path)
+    identity = _json_roundtrip(plan.identity)
+    if state is None:
+        if plan.spec.resume:
+            raise ConfigError(f"nothing to resume: no sweep at {plan.sweep_dir}; drop --resume to start it")
+        state = {"name": plan.name, "identity": identity, "cells": [c.name for c in plan.cells], "cells_done": []}
+    elif state.get("identity") != identity:
+        old = state.get("identity", {})
+        diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
+        raise ConfigError(f"sweep {plan.name!r} in {plan.sweep_dir} was made with a different spec "
+                          f"({', '.join(diff)} differ); pass another --name or the original options")
+    else:
+        log(f"resuming sweep {plan.name} ({len(state.get('cells_done', []))}/{len(plan.cells)} cells done)")
+    state["spec"] = _json_roundtrip(spec_to_dict(plan.spec))
+    state["status"] = "running"
+    write_json(path, state)
+    return state
+
+
+# ---------------------------------------------------------------------------- one cell
+def _cell_ctx(plan: Plan, cell: GridCell) -> dict[str, Any]:
+    s = plan.spec
+    return {"sweep": plan.name, "sweep_dir": str(plan.sweep_dir), "cell": cell.name, "scenario": cell.scenario,
+            "mode": cell.mode, "method": plan.method, "profile": s.profile, "data_root": s.data_root,
+            "overrides": plan.overrides, "seed": plan.cell_seed(cell), "workers_per_trial": s.workers_per_trial,
+            "gpus_per_worker": s.gpus_per_worker, "cpus_per_worker": s.cpus_per_worker,
+            "max_failures": s.max_failures, "poll_s": 1.0}
+
+
+def _searcher(plan: Plan, cell: GridCell):
+    from optuna.samplers import TPESampler
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+    from ray.tune.search.optuna import OptunaSearch
+
+    storage = JournalStorage(JournalFileBackend(str(plan.sweep_dir / f"optuna-{cell.name}.log")))
+    metric: Any = list(plan.objectives) if plan.multi_objective else plan.metric
+    mode: Any = ["max"] * len(plan.objectives) if plan.multi_objective else "max"
+    return OptunaSearch(space=to_optuna(plan.space), metric=metric, mode=mode,
+                        points_to_evaluate=[dict(p) for p in plan.points] or None,
+                        sampler=TPESampler(seed=plan.spec.seed), study_name=cell.name, storage=storage)
+
+
+def run_cell(plan: Plan, cell: GridCell, concurrency: int):
+    """Fit (or restore and finish) the Tuner of one grid cell; returns its ResultGrid."""
+    from csseg_core.scenarios import get_scenario
+
+    spec = plan.spec
+    num_steps = get_scenario(cell.scenario).num_steps
+    trainable = tune.with_resources(tune.with_parameters(trial_driver, ctx=_cell_ctx(plan, cell)), DRIVER_RESOURCES)
+    exp_dir = plan.sweep_dir / "tune" / cell.name
+    if tune.Tuner.can_restore(str(exp_dir)):
+        log(f"{cell.name}: restoring the interrupted Tune experiment")
+        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True)
+        return tuner.fit()
+    scheduler = None
+    if spec.scheduler == "asha" and num_steps > 2:
+        from ray.tune.schedulers import ASHAScheduler
+
+        scheduler = ASHAScheduler(time_attr="step", metric=plan.metric, mode="max", max_t=num_steps - 1,
+                                  grace_period=1, reduction_factor=2)
+    if plan.space:
+        searcher, param_space, samples = _searcher(plan, cell), None, spec.trials
+    else:  # nothing to search (FT): the preset over consecutive seeds
+        seeds = [plan.cell_seed(cell) + i for i in range(spec.trials)]
+        searcher, param_space, samples = None, {"seed": tune.grid_search(seeds)}, 1
+    tuner = tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=samples,
+                                    max_concurrent_trials=concurrency),
+        run_config=tune.RunConfig(name=cell.name, storage_path=str(plan.sweep_dir / "tune"),
+                                  failure_config=tune.FailureConfig(max_failures=0),
+                                  callbacks=[TablesCallback(str(plan.sweep_dir))], verbose=spec.verbose),
+    )
+    return tuner.fit()
+
+
+# ---------------------------------------------------------------------------- the sweep
+def run_sweep(spec: SweepSpec) -> Path:
+    """Run (or resume) a sweep and return its folder.
+
+    Every cell of ``scenarios × modes × grid_seeds`` gets one Tuner and one Optuna study
+    (seeded TPE, journal file in the sweep folder, the preset as first trial). Cells already
+    finished are skipped; an interrupted cell is restored (finished trials are not run again,
+    errored ones are retried). A failing trial is recorded and never stops the sweep.
+
+    Args:
+        spec: the sweep; validated before Ray starts (ConfigError, one line).
+
+    Returns:
+        The sweep folder (``<storage>/<name>``).
+    """
+    plan = plan_sweep(spec)
+    state = prepare_dir(plan)
+    started = time.perf_counter()
+    own_ray = init_ray(spec)
+    try:
+        concurrency = size_concurrency(spec, ray.cluster_resources())
+        log(f"sweep {plan.name}: {len(plan.cells)} cell(s) x {spec.trials} trial(s) of {plan.method}, "
+            f"{concurrency} at once -> {plan.sweep_dir}")
+        get_cache(plan.name, plan.sweep_dir / "step0")
+        for cell in plan.cells:
+            if cell.name in state["cells_done"]:
+                log(f"{cell.name}: already complete, skipped")
+                continue
+            run_cell(plan, cell, concurrency)
+            for trial_id in started_trials(plan.sweep_dir, cell.name):  # catch anything a callback missed
+                merge_trial(plan.sweep_dir, trial_id, ended="complete")
+            state["cells_done"].append(cell.name)
+            write_json(plan.sweep_dir / "sweep.json", state)
+        stats = kill_cache(plan.name) or {}
+    finally:
+        kill_cache(plan.name)
+        if own_ray:
+            ray.shutdown()
+    state.update(status="complete", step0=_step0_summary(plan, stats), wall_s=time.perf_counter() - started)
+    write_json(plan.sweep_dir / "sweep.json", state)
+    _closing_note(plan, state)
+    return plan.sweep_dir
+
+
+def _step0_summary(plan: Plan, stats: dict) -> dict[str, Any]:
+    saved = read_json(plan.sweep_dir / "step0" / "stats.json") or {}
+    return {"trained": int(saved.get("trained", stats.get("trained", 0))),
+            "trained_this_run": int(stats.get("trained", 0)) if stats else 0,
+            "reused": int(stats.get("hits", 0)), "loaded_from_files": int(stats.get("loaded", 0))}
+
+
+def _closing_note(plan: Plan, state: dict) -> None:
+    rows = read_table(plan.sweep_dir, TRIALS)
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    status = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no trials"
+    log(f"done in {state['wall_s']:.0f} s: {status}; step 0 trained {state['step0']['trained']} time(s) "
+        f"for {len(plan.cells)} cell(s)")
+    from .export import leaderboard
+
+    for row in leaderboard(plan.sweep_dir, plan.metric, top=1):
+        log(f"best {row['cell']}: {plan.metric}={row[plan.metric]:.3f} (trial {row['trial_id']})")
+    log(f"tables: {plan.sweep_dir / 'trials.parquet'}, {plan.sweep_dir / 'steps.parquet'}")

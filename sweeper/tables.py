@@ -1,0 +1,134 @@
+"""Sweep results as Parquet: ``steps.parquet`` (trial × step) and ``trials.parquet`` (trial).
+
+Trials do not write the shared tables themselves. Rank 0 of each trial writes one small JSON
+*fragment* per step under ``<sweep dir>/rows/<trial_id>/`` (a retried step overwrites its
+fragment) and the driver adds ``meta.json`` / ``trial.json``. When a trial ends, the sweep's
+Tune callback (one process, one writer) merges its fragments into both tables with
+:func:`csseg_core.results.append_rows`: tmp file + rename, rows keyed on ``(trial_id, step)``
+and ``trial_id`` so nothing is ever duplicated. At the end of each grid cell the sweep merges
+again every trial of the cell (a no-op unless a callback was missed, e.g. after a crash).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+from csseg_core.results import METRIC_KEYS, append_rows, read_rows
+
+STEPS, TRIALS = "steps.parquet", "trials.parquet"
+STEP_KEY, TRIAL_KEY = ("trial_id", "step"), ("trial_id",)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    """Write JSON atomically (tmp file in the same folder + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, default=str)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Parsed JSON, or None when the file does not exist."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def rows_dir(sweep_dir: str | os.PathLike, trial_id: str) -> Path:
+    """Fragment folder of one trial."""
+    return Path(sweep_dir) / "rows" / trial_id
+
+
+def write_step_fragment(sweep_dir: str | os.PathLike, trial_id: str, row: Mapping[str, Any]) -> Path:
+    """Store one step row (from :func:`csseg_core.results.step_row`) of a trial."""
+    return write_json(rows_dir(sweep_dir, trial_id) / f"step-{int(row['step']):03d}.json", dict(row))
+
+
+def step_fragments(sweep_dir: str | os.PathLike, trial_id: str) -> list[dict]:
+    """The step rows of a trial, in step order."""
+    folder = rows_dir(sweep_dir, trial_id)
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("step-*.json"))] if folder.is_dir() else []
+
+
+def trial_row(meta: Mapping[str, Any], steps: list[dict], status: str, error: str | None,
+              wall_s: float | None) -> dict[str, Any]:
+    """One ``trials.parquet`` row from the trial's meta data and its step rows.
+
+    ``status`` is ``ok`` only if every step finished; ``miou_*`` are those of the last
+    finished step (``final_step``); hyperparameters are ``param_<name>`` columns.
+    """
+    done = [r for r in steps if r.get("status") == "ok"]
+    num_steps = int(meta["num_steps"])
+    if status == "ok" and len(done) < num_steps:
+        status = "stopped"
+    last = done[-1] if done else {}
+    row: dict[str, Any] = {
+        "sweep": meta["sweep"], "cell": meta["cell"], "trial_id": meta["trial_id"],
+        "scenario": meta["scenario"], "mode": meta["mode"], "method": meta["method"],
+        "profile": meta["profile"], "seed": meta["seed"], "status": status, "error": error,
+        "steps_done": len(done), "num_steps": num_steps, "final_step": last.get("step"),
+    }
+    for k in METRIC_KEYS:
+        row[k] = last.get(k)
+    row["step0_trained"] = any(r.get("step") == 0 and not r.get("cached", True) for r in steps)
+    params = {k: v for k, v in (last or (steps[-1] if steps else {})).items() if k.startswith("param_")}
+    row.update(params or {f"param_{k}": v for k, v in meta.get("params", {}).items()})
+    row["searched"] = sorted(meta.get("hp", {}))
+    row["wall_s"] = float(wall_s) if wall_s is not None else float(sum(r.get("wall_s") or 0.0 for r in steps))
+    return row
+
+
+def merge_trial(sweep_dir: str | os.PathLike, trial_id: str, *, ended: str = "complete",
+                error: str | None = None) -> dict | None:
+    """Merge a finished trial's fragments into both tables (idempotent).
+
+    Args:
+        sweep_dir: the sweep folder.
+        trial_id: the Tune trial id.
+        ended: how Tune saw it end: ``complete`` (finished or stopped by the scheduler) or ``error``.
+        error: Tune's error message, used when the driver could not write its own.
+
+    Returns:
+        The trial row, or None if the trial never started (no ``meta.json``).
+    """
+    folder = rows_dir(sweep_dir, trial_id)
+    meta = read_json(folder / "meta.json")
+    if meta is None:
+        return None
+    steps = step_fragments(sweep_dir, trial_id)
+    end = read_json(folder / "trial.json") or {}
+    status = end.get("status") or ("error" if ended == "error" else "ok")
+    err = end.get("error") or (error if status == "error" else None)
+    if status == "error" and err is None:
+        err = next((r.get("error") for r in reversed(steps) if r.get("error")), "unknown error")
+    row = trial_row(meta, steps, status, err, end.get("wall_s"))
+    if steps:
+        append_rows(Path(sweep_dir) / STEPS, steps, key=STEP_KEY)
+    append_rows(Path(sweep_dir) / TRIALS, [row], key=TRIAL_KEY)
+    return row
+
+
+def started_trials(sweep_dir: str | os.PathLike, cell: str | None = None) -> list[str]:
+    """Trial ids that wrote a ``meta.json`` (optionally only those of ``cell``)."""
+    root = Path(sweep_dir) / "rows"
+    ids = []
+    for meta_file in sorted(root.glob("*/meta.json")) if root.is_dir() else []:
+        meta = json.loads(meta_file.read_text())
+        if cell is None or meta.get("cell") == cell:
+            ids.append(meta["trial_id"])
+    return ids
+
+
+def read_table(sweep_dir: str | os.PathLike, name: str = TRIALS) -> list[dict]:
+    """Rows of ``trials.parquet`` or ``steps.parquet`` (``[]`` when absent)."""
+    return read_rows(Path(sweep_dir) / name)

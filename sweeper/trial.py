@@ -1,0 +1,204 @@
+"""One trial = one Tune function trainable (the *driver*) that runs one Ray Train ``TorchTrainer``.
+
+Driver (:func:`trial_driver`, in the Tune trial actor; asks for no CPU, see ``runner.py``):
+resolves the trial's config, gets the step-0 state from the sweep's cache actor (or the right
+to train it), builds ONE ``TorchTrainer`` named after the Tune trial id and waits for it.
+
+Workers (:func:`train_worker`, one per DDP rank): obtain the step-0 state (train it, or
+``ray.get`` the cache's ref), then run steps 1..T-1 with :func:`csseg_core.engine.run_step`,
+calling ``ray.train.report`` once per step with the scalar metrics and a checkpoint of the
+state (rank 0 writes it). ``TuneReportCallback`` turns each report into one Tune result, so
+ASHA stops weak trials at step boundaries (``time_attr="step"``). A failed worker group is
+restarted by Ray Train from the last step checkpoint (``ray.train.get_checkpoint()``).
+Per-class IoU and loss terms never go through ``report``: rank 0 writes them as row
+fragments (``tables.py``) that the sweep merges into Parquet.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+from ray import tune
+
+from csseg_core.config import ExperimentConfig, resolve_config
+from csseg_core.results import step_row
+
+from .cache import READY, TRAIN, Lease, lookup_cache, state_path
+from .tables import rows_dir, write_json, write_step_fragment
+
+SCALARS = ("step", "miou_all", "miou_old", "miou_new", "miou_avg", "val_miou", "wall_s", "images_per_s")
+
+
+class TrialError(RuntimeError):
+    """A trial failed; the message is one line (the worker's exception type and message)."""
+
+
+def scalar_metrics(metrics: dict) -> dict[str, float | int]:
+    """The scalar metrics that go through ``ray.train.report`` (NaN stays NaN)."""
+    out: dict[str, float | int] = {}
+    for k in SCALARS:
+        v = metrics.get(k)
+        if v is not None:
+            out[k] = int(v) if k == "step" else float(v)
+    return out
+
+
+def portable_metrics(metrics: dict) -> dict[str, Any]:
+    """Step metrics as plain python values (for the cache actor and JSON)."""
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, dict):
+            out[k] = {kk: float(vv) for kk, vv in v.items()}
+        elif isinstance(v, (list, tuple)):
+            out[k] = [float(x) for x in v]
+        elif isinstance(v, (int, float, str, bool)) or v is None:
+            out[k] = v
+        else:
+            out[k] = float(v)
+    return out
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}".strip()
+
+
+# ---------------------------------------------------------------------------- workers
+def train_worker(loop: dict) -> None:
+    """Ray Train worker function: steps 1..T-1 of one trial (all ranks call it)."""
+    from csseg_core.engine import run_step
+    from csseg_core.state import load_state, save_state, state_from_numpy, state_to_numpy
+
+    cfg = ExperimentConfig.from_dict(loop["config"])
+    rank = ray.train.get_context().get_world_rank()
+    sweep_dir, trial_id = loop["sweep_dir"], loop["trial_id"]
+    extra = {"sweep": loop["sweep"], "trial_id": trial_id, "cell": loop["cell"], "status": "ok", "error": None}
+    tb_dir = str(Path(sweep_dir) / "tb" / trial_id)
+
+    checkpoint = ray.train.get_checkpoint()
+    metrics0 = loop.get("step0_metrics")
+    if checkpoint is not None:  # a restarted worker group: go on after the last finished step
+        with checkpoint.as_directory() as d:
+            state = load_state(Path(d) / "state.pt")
+    else:
+        decision, ref_list = READY, loop["step0"]
+        if loop["train_step0"]:  # ask again: a restarted group must not train step 0 twice
+            decision, ref_list, metrics0 = Lease(lookup_cache(loop["sweep"]), loop["key0"], trial_id).poll()
+        if decision == TRAIN:
+            state, metrics0 = run_step(cfg, 0, None, log_dir=str(Path(sweep_dir) / "tb" / f"step0-{loop['key0']}"))
+            metrics0 = portable_metrics(metrics0)
+            if rank == 0:
+                save_state(state, state_path(Path(sweep_dir) / "step0", loop["key0"]))
+                ray.get(lookup_cache(loop["sweep"]).put.remote(loop["key0"], state_to_numpy(state), metrics0, trial_id))
+                write_step_fragment(sweep_dir, trial_id, step_row(cfg, metrics0, cached=False, **extra))
+        else:
+            state = state_from_numpy(ray.get(ref_list[0]))
+            if rank == 0:
+                write_step_fragment(sweep_dir, trial_id, step_row(cfg, metrics0, cached=True, **extra))
+
+    if cfg.num_steps == 1:  # nothing incremental: the step-0 result is the trial's result
+        ray.train.report(scalar_metrics(metrics0 or {"step": 0}))
+        return
+    for step in range(int(state["step"]) + 1, cfg.num_steps):
+        try:
+            state, metrics = run_step(cfg, step, state, log_dir=tb_dir)
+        except Exception as err:
+            if rank == 0:
+                write_step_fragment(sweep_dir, trial_id, step_row(
+                    cfg, {"step": step}, cached=False, **{**extra, "status": "error", "error": _one_line(err)}))
+            raise
+        if rank == 0:
+            write_step_fragment(sweep_dir, trial_id, step_row(cfg, portable_metrics(metrics), cached=False, **extra))
+        with tempfile.TemporaryDirectory(prefix="csseg-ckpt-") as d:
+            checkpoint = None
+            if rank == 0:
+                save_state(state, Path(d) / "state.pt")
+                checkpoint = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(scalar_metrics(metrics), checkpoint=checkpoint, checkpoint_dir_name=f"step-{step:03d}")
+
+
+# ---------------------------------------------------------------------------- driver
+def trial_config(ctx: dict, config: dict) -> tuple[ExperimentConfig, dict]:
+    """The trial's ``ExperimentConfig`` and its searched values (``seed`` is a run seed, not a param)."""
+    hp = dict(config)
+    seed = int(hp.pop("seed", ctx["seed"]))
+    cfg = resolve_config(ctx["scenario"], ctx["method"], profile=ctx["profile"], mode=ctx["mode"], seed=seed,
+                         data_root=ctx["data_root"], overrides={**ctx["overrides"], **hp})
+    return cfg, hp
+
+
+def trial_driver(config: dict, ctx: dict) -> None:
+    """Tune function trainable: one trial of a grid cell (see the module docstring).
+
+    Args:
+        config: the values Tune/Optuna chose (searched hyperparameters, or ``seed`` for FT).
+        ctx: the cell's constants, bound with ``tune.with_parameters`` by ``runner.py``.
+
+    Raises:
+        TrialError: the TorchTrainer failed after its retries (one-line message).
+    """
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    started = time.perf_counter()
+    trial_id = tune.get_context().get_trial_id()
+    sweep_dir = Path(ctx["sweep_dir"])
+    cfg, hp = trial_config(ctx, config)
+    folder = rows_dir(sweep_dir, trial_id)
+    (folder / "trial.json").unlink(missing_ok=True)  # a restarted trial starts undecided
+    write_json(folder / "meta.json", {
+        "sweep": ctx["sweep"], "cell": ctx["cell"], "trial_id": trial_id, "scenario": cfg.scenario,
+        "mode": cfg.mode, "method": cfg.method, "profile": cfg.profile, "seed": cfg.seed,
+        "num_steps": cfg.num_steps, "hp": hp, "params": cfg.method_params, "config": cfg.to_dict()})
+
+    key0 = cfg.step_key(0)
+    lease = Lease(lookup_cache(ctx["sweep"]), key0, trial_id, poll_s=ctx.get("poll_s", 1.0))
+    decision, ref_list, metrics0 = lease.wait()
+    workers, gpus, cpus = ctx["workers_per_trial"], ctx["gpus_per_worker"], ctx["cpus_per_worker"]
+    per_worker = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={
+            "config": cfg.to_dict(), "sweep": ctx["sweep"], "sweep_dir": str(sweep_dir), "trial_id": trial_id,
+            "cell": ctx["cell"], "key0": key0, "train_step0": decision == TRAIN, "step0": ref_list,
+            "step0_metrics": metrics0},
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpus > 0, resources_per_worker=per_worker),
+        run_config=ray.train.RunConfig(
+            name=trial_id, storage_path=str(sweep_dir / "train"),
+            failure_config=ray.train.FailureConfig(max_failures=ctx["max_failures"]),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            callbacks=[TuneReportCallback()]),
+    )
+    failed = True
+    try:
+        trainer.fit()
+        failed = False
+    except Exception as err:  # noqa: BLE001 - every failure is recorded, then re-raised for Tune
+        message = _worker_error(err, sweep_dir, trial_id)
+        write_json(folder / "trial.json", {"status": "error", "error": message,
+                                           "wall_s": time.perf_counter() - started})
+        raise TrialError(message) from None
+    finally:
+        lease.close(failed=failed)
+    write_json(folder / "trial.json", {"status": "ok", "error": None, "wall_s": time.perf_counter() - started})
+
+
+def _worker_error(err: BaseException, sweep_dir: Path, trial_id: str) -> str:
+    """One line for a failed fit: the worker's own message if rank 0 recorded one."""
+    from .tables import step_fragments
+
+    for row in reversed(step_fragments(sweep_dir, trial_id)):
+        if row.get("status") == "error" and row.get("error"):
+            return row["error"]
+    failures = getattr(err, "worker_failures", None) or {}
+    for rank in sorted(failures):
+        cause = failures[rank]
+        cause = getattr(cause, "cause", None) or cause
+        return _one_line(cause)
+    return _one_line(err)

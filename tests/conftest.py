@@ -1,0 +1,37 @@
+"""Shared fixtures: an isolated $CSSEG_HOME and one small synthetic VOC dataset per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@pytest.fixture(scope="session")
+def csseg_home(tmp_path_factory):
+    """A private $CSSEG_HOME for the whole session (filter caches, synthetic data)."""
+    home = tmp_path_factory.mktemp("csseg_home")
+    old = os.environ.get("CSSEG_HOME")
+    os.environ["CSSEG_HOME"] = str(home)
+    yield home
+    if old is None:
+        os.environ.pop("CSSEG_HOME", None)
+    else:
+        os.environ["CSSEG_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def voc_root(csseg_home):
+    """A small synthetic VOC dataset (generated once per session)."""
+    from csseg_core.data import synth
+
+    return synth.generate(csseg_home / "voc-small", dataset="voc", n_train=400, n_val=120, size=64, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_overrides():
+    """Engine overrides that make a step take a second or two."""
+    return {"epochs": 2, "epochs_incremental": 1, "crop_size": 64, "batch_size": 16, "head_channels": 32,
+            "num_samples": 0}

@@ -1,0 +1,197 @@
+"""DeepLabV3 incremental segmenter: shapes, MiB init, step loading, BN freezing, weights."""
+
+from __future__ import annotations
+
+import math
+import urllib.error
+
+import pytest
+import torch
+import torchvision
+
+from csseg_core.errors import ConfigError
+from csseg_core.models import build_model, load_previous
+
+BODY_CHANNELS = {"tiny": 128, "resnet18": 512, "resnet50": 2048, "resnet101": 2048, "mobilenet_v3_large": 960}
+# (backbone, output stride, device). The big ResNets' other variants are shape-checked on the
+# meta device: no weight init and no arithmetic, so the suite stays fast on 2 CPU cores.
+CASES = [
+    ("tiny", 16, "cpu"),
+    ("tiny", 8, "cpu"),
+    ("resnet18", 16, "cpu"),
+    ("resnet18", 8, "cpu"),
+    ("resnet50", 16, "cpu"),
+    ("resnet50", 8, "meta"),
+    ("mobilenet_v3_large", 16, "cpu"),
+    ("resnet101", 16, "meta"),
+    ("resnet101", 8, "meta"),
+]
+
+
+@pytest.mark.parametrize(("backbone", "output_stride", "device"), CASES)
+def test_backbone_shapes(backbone, output_stride, device):
+    torch.manual_seed(0)
+    with torch.device(device), torch.no_grad():
+        model = build_model(backbone, (16, 1), output_stride=output_stride).eval()
+        logits, feats = model(torch.randn(2, 3, 64, 64))
+    h = 64 // output_stride
+    assert model.body_channels == BODY_CHANNELS[backbone]
+    assert model.num_classes == 17
+    assert logits.shape == (2, 17, 64, 64)
+    assert feats["body"].shape == (2, BODY_CHANNELS[backbone], h, h)
+    assert feats["pre_logits"].shape == (2, 256, h, h)
+    if device == "cpu":
+        assert torch.isfinite(logits).all()
+
+
+def test_tiny_trains_and_upsamples_to_odd_sizes():
+    model = build_model("tiny", (3, 2), output_stride=8, head_channels=32)
+    logits, feats = model(torch.randn(2, 3, 50, 70))
+    assert logits.shape == (2, 5, 50, 70) and feats["pre_logits"].shape[1] == 32
+    logits.logsumexp(1).mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"backbone": "vgg16"},
+        {"backbone": "mobilenet_v3_large", "output_stride": 8},
+        {"backbone": "tiny", "output_stride": 32},
+        {"backbone": "tiny", "classes_per_step": ()},
+        {"backbone": "tiny", "classes_per_step": (16, 0)},
+        {"backbone": "tiny", "head_channels": 0},
+        {"backbone": "tiny", "pretrained": "imagenet"},
+    ],
+)
+def test_bad_options_raise_config_error(kwargs):
+    kwargs = {"classes_per_step": (16, 1), **kwargs}
+    with pytest.raises(ConfigError):
+        build_model(kwargs.pop("backbone"), kwargs.pop("classes_per_step"), **kwargs)
+
+
+def _trained_like_pair() -> tuple[torch.nn.Module, torch.nn.Module]:
+    torch.manual_seed(0)
+    old = build_model("tiny", (16,), head_channels=32).eval()
+    with torch.no_grad():  # give the classifier non-trivial values
+        old.cls[0].bias.normal_()
+    new = build_model("tiny", (16, 1), head_channels=32).eval()
+    return old, new
+
+
+def test_load_previous_keeps_old_outputs():
+    old, new = _trained_like_pair()
+    missing = load_previous(new, old.state_dict())
+    assert missing == ["cls.1.weight", "cls.1.bias"]
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        old_logits, old_feats = old(x)
+        new_logits, new_feats = new(x)
+    assert torch.equal(new_logits[:, :16], old_logits)
+    assert torch.equal(new_feats["body"], old_feats["body"])
+    # a same-step state, with a DDP "module." prefix and as numpy arrays, loads too
+    prefixed = {f"module.{k}": v.numpy() for k, v in new.state_dict().items()}
+    assert load_previous(build_model("tiny", (16, 1), head_channels=32), prefixed) == []
+
+
+@pytest.mark.parametrize(
+    ("backbone", "steps", "head_channels"),
+    [("resnet18", (16,), 32), ("tiny", (16, 1, 1), 32), ("tiny", (16,), 64), ("tiny", (15,), 32)],
+)
+def test_load_previous_rejects_other_models(backbone, steps, head_channels):
+    other = build_model(backbone, steps, head_channels=head_channels)
+    model = build_model("tiny", (16, 1), head_channels=32)
+    with pytest.raises(ConfigError):
+        load_previous(model, other.state_dict())
+
+
+def test_init_balanced_weights_and_probability_mass():
+    old, new = _trained_like_pair()
+    load_previous(new, old.state_dict())
+    b_bg = old.cls[0].bias[0].item()
+    new.init_balanced()
+    expected = b_bg - math.log(1 + 1)
+    assert torch.equal(new.cls[1].weight[0], old.cls[0].weight[0])
+    assert new.cls[1].bias.tolist() == pytest.approx([expected])
+    assert new.cls[0].bias[0].item() == pytest.approx(expected)
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        p_old = old(x)[0].softmax(1)
+        p_new = new(x)[0].softmax(1)
+    torch.testing.assert_close(p_new[:, 0] + p_new[:, 16], p_old[:, 0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(p_new[:, 1:16], p_old[:, 1:16], rtol=0, atol=1e-5)
+
+
+def test_init_balanced_several_new_classes_and_noop():
+    model = build_model("tiny", (4, 3), head_channels=16)
+    b_bg = model.cls[0].bias[0].item()
+    model.init_balanced()
+    assert model.cls[1].bias.tolist() == pytest.approx([b_bg - math.log(4)] * 3)
+    assert torch.equal(model.cls[1].weight, model.cls[0].weight[0:1].expand(3, -1, -1, -1))
+    single = build_model("tiny", (4,), head_channels=16)
+    before = {k: v.clone() for k, v in single.state_dict().items()}
+    single.init_balanced()
+    assert all(torch.equal(before[k], v) for k, v in single.state_dict().items())
+
+
+def test_fix_bn_and_param_groups():
+    model = build_model("tiny", (4, 2), head_channels=16)
+    groups = model.param_groups(1e-4)
+    assert [g["name"] for g in groups] == ["body", "head", "cls"]
+    assert all(g["weight_decay"] == 1e-4 for g in groups)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters())
+
+    model.fix_bn()
+    model.train()
+    bn = model.body.stem[1]
+    assert not bn.training and not bn.weight.requires_grad
+    mean_before = bn.running_mean.clone()
+    model(torch.randn(2, 3, 32, 32))
+    assert torch.equal(bn.running_mean, mean_before)
+    trainable = {id(p) for g in model.param_groups(0.0) for p in g["params"]}
+    assert id(bn.weight) not in trainable and id(model.cls[1].weight) in trainable
+
+
+def _resnet18_state() -> dict[str, torch.Tensor]:
+    torch.manual_seed(1)
+    return torchvision.models.resnet18(weights=None).state_dict()
+
+
+def test_pretrained_from_local_path_round_trips(tmp_path):
+    state = _resnet18_state()
+    path = tmp_path / "r18.pth"
+    torch.save({f"module.{k}": v for k, v in state.items()}, path)  # fc.* kept: ignored
+    model = build_model("resnet18", (16, 1), pretrained=str(path))
+    body = model.body.state_dict()
+    assert set(body) == {k for k in state if not k.startswith("fc.")}
+    assert all(torch.equal(body[k], state[k]) for k in body)
+
+
+def test_pretrained_path_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        build_model("resnet18", (16,), pretrained=tmp_path / "missing.pth")
+    torch.save({"foo.weight": torch.zeros(1)}, tmp_path / "foo.pth")
+    with pytest.raises(ConfigError, match="match no key"):
+        build_model("resnet18", (16,), pretrained=tmp_path / "foo.pth")
+    torch.save(_resnet18_state(), tmp_path / "r18.pth")
+    with pytest.raises(ConfigError):
+        build_model("resnet50", (16,), pretrained=tmp_path / "r18.pth")
+
+
+def test_imagenet_offline_gives_one_line_config_error(monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
+    with pytest.raises(ConfigError) as info:
+        build_model("resnet18", (16,), pretrained="imagenet")
+    message = str(info.value)
+    assert "--pretrained PATH" in message and "--no-pretrained" in message and "\n" not in message
+
+
+def test_imagenet_weights_are_loaded_when_available(monkeypatch):
+    state = _resnet18_state()
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", lambda *a, **k: state)
+    model = build_model("resnet18", (16,), pretrained="imagenet")
+    assert torch.equal(model.body.conv1.weight, state["conv1.weight"])

@@ -1,0 +1,127 @@
+"""End-to-end sweeps through ``run_sweep`` on a tiny synthetic VOC (local Ray, 2 CPUs).
+
+Two sweeps in all (each TorchTrainer launch costs ~15 s here):
+* ``lwf_sweep``: 2 scenarios x 2 trials at concurrency 2 -> tables, step-0 once per cell,
+  export/resolve, re-run and restore without re-running anything;
+* the fault sweep: 2 workers per trial, one trial whose loss turns NaN at step 1 (retried once
+  from the cached step 0, then recorded as an error) and one healthy trial compared with the
+  1-worker result of the same configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from csseg_core.errors import ConfigError
+from ray_fixtures import ray_session, tiny_voc  # noqa: F401  (session fixtures)
+from search_spaces import Choice, LogUniform
+from sweeper import SweepSpec, best_config, export_best, leaderboard, load_best, run_sweep
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+TINY = {"epochs": 1, "epochs_incremental": 1, "crop_size": 48, "num_samples": 1}
+
+
+def _spec(storage, data_root, **kw):
+    base = dict(scenarios=("voc-19-1", "voc-15-5"), method="lwf", trials=2, concurrency=2, storage=str(storage),
+                name="e2e", data_root=data_root, overrides=TINY, max_failures=0, verbose=0, seed=0)
+    return SweepSpec(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def lwf_sweep(tmp_path_factory, tiny_voc):
+    storage = tmp_path_factory.mktemp("sweeps")
+    started = time.perf_counter()
+    sweep_dir = run_sweep(_spec(storage, tiny_voc))
+    return sweep_dir, time.perf_counter() - started, storage
+
+
+def test_sweep_writes_both_tables(lwf_sweep):
+    sweep_dir, wall, _ = lwf_sweep
+    steps = pq.read_table(sweep_dir / "steps.parquet").to_pylist()
+    trials = pq.read_table(sweep_dir / "trials.parquet").to_pylist()
+    assert len(trials) == 2 * 2 and len(steps) == 2 * 2 * 2, (wall, trials)
+    assert {(r["trial_id"], r["step"]) for r in steps} == {(t["trial_id"], s) for t in trials for s in (0, 1)}
+    assert all(t["status"] == "ok" and t["error"] is None and t["steps_done"] == 2 for t in trials)
+    assert {t["cell"] for t in trials} == {"voc-19-1-disjoint", "voc-15-5-disjoint"}
+    for cell in ("voc-19-1-disjoint", "voc-15-5-disjoint"):
+        kds = [t["param_kd"] for t in trials if t["cell"] == cell]
+        assert 100.0 in kds and all(1 <= kd <= 100 for kd in kds)  # the preset is evaluated
+    trial_cols = set(pq.read_schema(sweep_dir / "trials.parquet").names)
+    assert {"sweep", "trial_id", "cell", "scenario", "mode", "method", "seed", "status", "error", "wall_s",
+            "miou_all", "miou_old", "miou_new", "miou_avg", "param_kd", "param_alpha", "step0_trained"} <= trial_cols
+    step_cols = set(pq.read_schema(sweep_dir / "steps.parquet").names)
+    assert {"step", "class_iou", "loss_ce", "loss_kd", "images_per_s", "cached", "status", "param_kd"} <= step_cols
+    assert all(0.0 <= r["miou_all"] <= 1.0 for r in steps)
+    assert list((sweep_dir / "tb").rglob("events.out.tfevents.*")), "TensorBoard events live under the sweep dir"
+    assert (sweep_dir / "optuna-voc-19-1-disjoint.log").exists()
+
+
+def test_step0_is_trained_once_per_cell_by_concurrent_trials(lwf_sweep):
+    sweep_dir, _, _ = lwf_sweep
+    trials = pq.read_table(sweep_dir / "trials.parquet").to_pylist()
+    for cell in ("voc-19-1-disjoint", "voc-15-5-disjoint"):
+        assert sum(t["step0_trained"] for t in trials if t["cell"] == cell) == 1
+    info = json.loads((sweep_dir / "sweep.json").read_text())
+    assert info["status"] == "complete" and info["step0"]["trained"] == 2 and info["step0"]["reused"] == 2
+    assert len(list((sweep_dir / "step0").glob("*.pt"))) == 2
+
+
+def test_export_best_loads_with_resolve_config(lwf_sweep, tmp_path):
+    sweep_dir, _, _ = lwf_sweep
+    board = leaderboard(sweep_dir, "miou_all")
+    assert [r["rank"] for r in board] == [1, 2, 1, 2]
+    out = export_best(sweep_dir, "miou_all", tmp_path / "best.yaml")
+    doc = yaml.safe_load(out.read_text())
+    assert [c["scenario"] for c in doc["cells"]] == ["voc-19-1", "voc-15-5"]
+    for entry, best in zip(load_best(out), [r for r in board if r["rank"] == 1]):
+        cfg = best_config(entry)
+        assert cfg.method == "lwf" and cfg.mode == "disjoint" and cfg.crop_size == 48 and cfg.seed == 0
+        assert cfg.method_params["kd"] == pytest.approx(best["kd"])
+        assert entry["metrics"]["miou_all"] == pytest.approx(best["miou_all"])
+        assert entry["command"] == f"csseg train {cfg.scenario} --method lwf --mode disjoint --config {out}"
+
+
+def test_same_name_resumes_without_rerunning(lwf_sweep, tiny_voc):
+    sweep_dir, _, storage = lwf_sweep
+    before_steps = pq.read_table(sweep_dir / "steps.parquet").to_pylist()
+    before_trials = pq.read_table(sweep_dir / "trials.parquet").to_pylist()
+    assert run_sweep(_spec(storage, tiny_voc)) == sweep_dir  # every cell complete: skipped
+    info = json.loads((sweep_dir / "sweep.json").read_text())
+    info["cells_done"] = info["cells_done"][:1]  # pretend the sweep died during the second cell
+    (sweep_dir / "sweep.json").write_text(json.dumps(info))
+    run_sweep(_spec(storage, tiny_voc, resume=True, concurrency=1))  # restore that cell's Tuner
+    assert pq.read_table(sweep_dir / "steps.parquet").to_pylist() == before_steps
+    assert pq.read_table(sweep_dir / "trials.parquet").to_pylist() == before_trials
+    assert json.loads((sweep_dir / "sweep.json").read_text())["step0"]["trained"] == 2
+    with pytest.raises(ConfigError, match="different spec"):
+        run_sweep(_spec(storage, tiny_voc, trials=3))
+    with pytest.raises(ConfigError, match="nothing to resume"):
+        run_sweep(_spec(storage, tiny_voc, name="never-ran", resume=True))
+
+
+def test_failing_trial_is_recorded_and_two_workers_match_one(lwf_sweep, tiny_voc, tmp_path):
+    sweep_dir1, _, _ = lwf_sweep
+    spec = _spec(tmp_path, tiny_voc, name="faults", scenarios=("voc-19-1",), workers_per_trial=2, concurrency=None,
+                 max_failures=1, space={"kd": LogUniform(1, 100), "fault_nan_step": Choice([-1, 1])},
+                 points=[{"kd": 100.0, "fault_nan_step": -1}, {"kd": 100.0, "fault_nan_step": 1}])
+    sweep_dir = run_sweep(spec)
+    trials = {t["param_kd"] and t["trial_id"]: t for t in pq.read_table(sweep_dir / "trials.parquet").to_pylist()}
+    assert sorted(t["status"] for t in trials.values()) == ["error", "ok"]
+    bad = next(t for t in trials.values() if t["status"] == "error")
+    assert "TrainingError" in bad["error"] and "nan" in bad["error"].lower()
+    steps = pq.read_table(sweep_dir / "steps.parquet").to_pylist()
+    bad_steps = sorted((r["step"], r["status"]) for r in steps if r["trial_id"] == bad["trial_id"])
+    assert bad_steps == [(0, "ok"), (1, "error")]
+    info = json.loads((sweep_dir / "sweep.json").read_text())
+    assert info["step0"]["trained"] == 1  # the retry reused the cached step 0
+    good = next(t for t in trials.values() if t["status"] == "ok")
+    one_worker = next(t for t in pq.read_table(sweep_dir1 / "trials.parquet").to_pylist()
+                      if t["cell"] == "voc-19-1-disjoint" and t["param_kd"] == 100.0)
+    for metric in ("miou_all", "miou_old"):
+        assert good[metric] == pytest.approx(one_worker[metric], abs=0.1), metric

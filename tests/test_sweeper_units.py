@@ -1,0 +1,204 @@
+"""Sweeper pieces that need no Ray: spec validation, tables, leaderboard and export."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from csseg_core.config import resolve_config
+from csseg_core.errors import ConfigError
+from csseg_core.results import step_row
+from search_spaces import Choice, LogUniform
+from sweeper import SweepSpec, best_config, export_best, leaderboard, load_best, pareto_front, plan_sweep
+from sweeper.tables import STEPS, TRIALS, merge_trial, read_table, rows_dir, write_json, write_step_fragment
+
+
+# ---------------------------------------------------------------------------- spec
+def test_spec_name_is_a_hash_of_identity_not_resources(tmp_path):
+    a = plan_sweep(SweepSpec(scenarios="voc-15-1", method="sdr", trials=5, storage=str(tmp_path)))
+    b = plan_sweep(SweepSpec(scenarios=["voc-15-5s"], method="SDR", trials=5, storage=str(tmp_path),
+                             concurrency=3, workers_per_trial=2, address="auto"))
+    c = plan_sweep(SweepSpec(scenarios="voc-15-1", method="sdr", trials=6, storage=str(tmp_path)))
+    assert a.name == b.name and a.name.startswith("sdr-") and a.name != c.name
+    assert a.sweep_dir == tmp_path / a.name
+    assert a.points == ({"kd": 100.0, "pm": 0.01, "attraction": 1e-3, "repulsion": 1e-3, "sparsity": 1e-3,
+                         "sparsity_norm": "max_maskedforclass", "sparsity_shrink": "exponential",
+                         "sparsity_kind": "ratio"},)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"metric": "miou_best"}, "unknown metric"),
+    ({"scheduler": "hyperband"}, "unknown scheduler"),
+    ({"trials": 0}, "trials must be"),
+    ({"method": "sdrr"}, "did you mean"),
+    ({"scenarios": "voc-15-2"}, "unknown scenario"),
+    ({"modes": "sideways"}, "unknown mode"),
+    ({"overrides": {"kdd": 1}}, "unknown key"),
+    ({"workers_per_trial": 0}, "workers_per_trial"),
+    ({"objectives": ("old", "newest")}, "unknown metric"),
+    ({"name": "a b"}, "sweep name"),
+])
+def test_spec_validation_is_one_line(tmp_path, kwargs, match):
+    spec = SweepSpec(**{"scenarios": "voc-15-1", "method": "sdr", "storage": str(tmp_path), **kwargs})
+    with pytest.raises(ConfigError, match=match) as err:
+        plan_sweep(spec)
+    assert "\n" not in str(err.value)
+
+
+def test_unwritable_storage_names_the_dir(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'file'} is not writable"):
+        plan_sweep(SweepSpec(scenarios="voc-15-1", storage=str(tmp_path / "file")))
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user who can write anywhere")
+        with pytest.raises(ConfigError, match=str(locked)):
+            plan_sweep(SweepSpec(scenarios="voc-15-1", storage=str(locked / "sub")))
+    finally:
+        locked.chmod(0o700)
+
+
+def test_overrides_pin_keys_and_objectives_normalise(tmp_path):
+    plan = plan_sweep(SweepSpec(scenarios="voc-15-1", method="sdr", storage=str(tmp_path),
+                                overrides={"kd": 10, "epochs": 1}, objectives="old,new"))
+    assert "kd" not in plan.space and "kd" not in plan.points[0]
+    assert plan.objectives == ("miou_old", "miou_new") and plan.multi_objective
+    ft = plan_sweep(SweepSpec(scenarios="voc-15-1", method="ft", storage=str(tmp_path)))
+    assert ft.space == {} and ft.points == ()
+    custom = plan_sweep(SweepSpec(scenarios="voc-19-1", method="lwf", storage=str(tmp_path),
+                                  space={"kd": LogUniform(1, 10), "fault_nan_step": Choice([-1, 1])},
+                                  points=[{"kd": 2.0, "fault_nan_step": 1}]))
+    assert custom.points == ({"fault_nan_step": 1, "kd": 2.0},)
+    with pytest.raises(ConfigError, match="outside"):
+        plan_sweep(SweepSpec(scenarios="voc-19-1", method="lwf", storage=str(tmp_path),
+                             space={"kd": LogUniform(1, 10)}, points=[{"kd": 50.0}]))
+
+
+def test_size_concurrency():
+    from sweeper import size_concurrency
+
+    spec = SweepSpec(scenarios="voc-15-1", trials=8)
+    assert size_concurrency(spec, {"CPU": 2.0}) == 2
+    assert size_concurrency(SweepSpec(scenarios="voc-15-1", trials=1), {"CPU": 16.0}) == 1
+    assert size_concurrency(SweepSpec(scenarios="voc-15-1", trials=8, workers_per_trial=2), {"CPU": 2.0}) == 1
+    assert size_concurrency(SweepSpec(scenarios="voc-15-1", trials=8, gpus_per_worker=1),
+                            {"CPU": 16.0, "GPU": 4.0}) == 4
+    assert size_concurrency(SweepSpec(scenarios="voc-15-1", trials=8, concurrency=1), {"CPU": 8.0}) == 1
+    with pytest.raises(ConfigError, match="cluster has"):
+        size_concurrency(SweepSpec(scenarios="voc-15-1", gpus_per_worker=1), {"CPU": 2.0})
+
+
+# ---------------------------------------------------------------------------- fake sweep
+def _fake_trial(sweep_dir, cell_scenario, trial_id, kd, finals, *, fail_at=None):
+    cfg = resolve_config(cell_scenario, "lwf", profile="smoke", mode="disjoint", seed=0,
+                         overrides={"kd": kd, "epochs": 1})
+    cell = f"{cell_scenario}-disjoint"
+    write_json(rows_dir(sweep_dir, trial_id) / "meta.json", {
+        "sweep": "fake", "cell": cell, "trial_id": trial_id, "scenario": cfg.scenario, "mode": cfg.mode,
+        "method": cfg.method, "profile": cfg.profile, "seed": cfg.seed, "num_steps": cfg.num_steps,
+        "hp": {"kd": kd}, "params": cfg.method_params, "config": cfg.to_dict()})
+    extra = {"sweep": "fake", "trial_id": trial_id, "cell": cell, "error": None}
+    for step in range(cfg.num_steps):
+        if step == fail_at:
+            write_step_fragment(sweep_dir, trial_id, step_row(cfg, {"step": step}, status="error",
+                                                              **{**extra, "error": "TrainingError: NaN"}))
+            write_json(rows_dir(sweep_dir, trial_id) / "trial.json", {"status": "error", "error": "TrainingError: NaN"})
+            return cell
+        m = {"step": step, "miou_all": finals[0], "miou_old": finals[1], "miou_new": finals[2] if step else math.nan,
+             "miou_avg": finals[0], "class_iou": [0.5, math.nan, 0.25], "losses": {"ce": 0.1, "kd": 0.2},
+             "wall_s": 1.0, "images_per_s": 10.0, "n_train_images": 5}
+        write_step_fragment(sweep_dir, trial_id, step_row(cfg, m, status="ok", cached=step == 0, **extra))
+    write_json(rows_dir(sweep_dir, trial_id) / "trial.json", {"status": "ok", "error": None, "wall_s": 3.0})
+    return cell
+
+
+@pytest.fixture
+def fake_sweep(tmp_path):
+    d = tmp_path / "fake"
+    identity = {"metric": "miou_all", "objectives": [], "overrides": {"epochs": 1},
+                "space": {"kd": {"kind": "loguniform", "lo": 1, "hi": 100}}, "data_root": None}
+    write_json(d / "sweep.json", {"name": "fake", "identity": identity})
+    _fake_trial(d, "voc-19-1", "t1", 100.0, (0.5, 0.6, 0.1))
+    _fake_trial(d, "voc-19-1", "t2", 10.0, (0.7, 0.5, 0.3))
+    _fake_trial(d, "voc-19-1", "t3", 3.0, (0.0, 0.0, 0.0), fail_at=1)
+    _fake_trial(d, "voc-15-5", "t4", 20.0, (0.4, 0.45, 0.2))
+    for t in ("t1", "t2", "t3", "t4"):
+        merge_trial(d, t)
+    return d
+
+
+def test_tables_have_one_row_per_trial_and_step(fake_sweep):
+    steps, trials = read_table(fake_sweep, STEPS), read_table(fake_sweep, TRIALS)
+    assert len(trials) == 4 and len(steps) == 2 + 2 + 2 + 2
+    merge_trial(fake_sweep, "t1")  # idempotent: merging again never duplicates
+    merge_trial(fake_sweep, "t3", ended="error", error="ignored")
+    assert len(read_table(fake_sweep, TRIALS)) == 4 and len(read_table(fake_sweep, STEPS)) == 8
+    by_id = {r["trial_id"]: r for r in read_table(fake_sweep, TRIALS)}
+    assert by_id["t3"]["status"] == "error" and "NaN" in by_id["t3"]["error"] and by_id["t3"]["steps_done"] == 1
+    assert by_id["t2"]["status"] == "ok" and by_id["t2"]["param_kd"] == 10.0 and by_id["t2"]["miou_all"] == 0.7
+    schema = pq.read_schema(fake_sweep / STEPS)
+    for col in ("sweep", "trial_id", "cell", "status", "error", "step", "miou_all", "miou_old", "miou_new",
+                "miou_avg", "class_iou", "param_kd", "loss_ce", "wall_s", "images_per_s"):
+        assert col in schema.names, col
+    assert str(schema.field("class_iou").type).startswith("list")
+    assert not [p for p in fake_sweep.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_retried_step_replaces_its_row(fake_sweep):
+    cfg = resolve_config("voc-19-1", "lwf", overrides={"kd": 3.0, "epochs": 1}, seed=0)
+    m = {"step": 1, "miou_all": 0.9, "miou_old": 0.9, "miou_new": 0.9, "miou_avg": 0.9}
+    write_step_fragment(fake_sweep, "t3", step_row(cfg, m, sweep="fake", trial_id="t3", cell="voc-19-1-disjoint",
+                                                    status="ok", error=None))
+    write_json(rows_dir(fake_sweep, "t3") / "trial.json", {"status": "ok", "error": None, "wall_s": 1.0})
+    merge_trial(fake_sweep, "t3")
+    rows = [r for r in read_table(fake_sweep, STEPS) if r["trial_id"] == "t3"]
+    assert [(r["step"], r["status"]) for r in rows] == [(0, "ok"), (1, "ok")]
+
+
+def test_leaderboard_ranks_finished_trials_per_cell(fake_sweep):
+    rows = leaderboard(fake_sweep, "miou_all")
+    assert [(r["cell"], r["rank"], r["trial_id"]) for r in rows] == [
+        ("voc-19-1-disjoint", 1, "t2"), ("voc-19-1-disjoint", 2, "t1"), ("voc-15-5-disjoint", 1, "t4")]
+    assert rows[0]["kd"] == 10.0 and rows[0]["pareto"] and rows[1]["pareto"]  # t1 wins on old, t2 on new
+    assert [r["trial_id"] for r in leaderboard(fake_sweep, "old", top=1)] == ["t1", "t4"]
+
+
+def test_pareto_front():
+    rows = [{"a": 1, "b": 1}, {"a": 2, "b": 0}, {"a": 0.5, "b": 0.5}, {"a": math.nan, "b": 3}]
+    assert pareto_front(rows, ["a", "b"]) == rows[:2]
+
+
+def test_export_best_writes_loadable_yaml(fake_sweep, tmp_path):
+    out = export_best(fake_sweep, None, tmp_path / "best.yaml")
+    doc = yaml.safe_load(out.read_text())
+    assert [c["scenario"] for c in doc["cells"]] == ["voc-19-1", "voc-15-5"]
+    first = doc["cells"][0]
+    assert set(first) >= {"scenario", "mode", "method", "profile", "seed", "params", "metrics", "command"}
+    assert first["params"] == {"epochs": 1, "kd": 10.0} and first["metrics"]["miou_all"] == 0.7
+    assert first["command"] == f"csseg train voc-19-1 --method lwf --mode disjoint --config {out}"
+    entries = load_best(out)
+    cfg = best_config(entries[0])
+    assert cfg.method_params["kd"] == 10.0 and cfg.epochs == 1 and cfg.seed == 0 and cfg.scenario == "voc-19-1"
+    one = export_best(fake_sweep, "old", tmp_path / "one.yaml")  # single cell -> a plain mapping
+    assert len(load_best(one)) == 2
+    with pytest.raises(ConfigError):
+        load_best(tmp_path / "missing.yaml")
+
+
+def test_export_single_cell_is_a_mapping(tmp_path):
+    d = tmp_path / "s"
+    write_json(d / "sweep.json", {"name": "s", "identity": {"metric": "miou_all", "objectives": [], "overrides": {},
+                                                           "space": {"kd": {}}, "data_root": "/data"}})
+    _fake_trial(d, "voc-19-1", "a", 5.0, (0.3, 0.3, 0.3))
+    merge_trial(d, "a")
+    doc = yaml.safe_load(export_best(d, "miou_all", tmp_path / "b.yaml").read_text())
+    assert doc["scenario"] == "voc-19-1" and doc["params"] == {"kd": 5.0} and doc["data_root"] == "/data"
+    assert json.loads(json.dumps(doc))  # plain types only
