@@ -247,5 +247,6 @@ def run_step(cfg: ExperimentConfig, step: int, prev_state: dict | None = None, *
         "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "statistics": statistics,
         "history": history,
+        "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, list, dict))},
     }
     return state, metrics

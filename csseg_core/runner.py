@@ -13,12 +13,14 @@
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 from typing import Callable, Iterable
 
 import yaml
 
 from .config import ExperimentConfig
+from .data import csseg_home
 from .engine import dist_info, run_step
 from .errors import CssegError, ConfigError
 from .results import append_rows, step_row
@@ -27,6 +29,15 @@ from .state import load_state, save_state
 
 def checkpoint_path(out_dir: str | Path, cfg: ExperimentConfig, step: int) -> Path:
     return Path(out_dir) / "checkpoints" / f"step{step}-{cfg.step_key(step)}.pt"
+
+
+def shared_step0_path(cfg: ExperimentConfig) -> Path:
+    """Where every run keeps its step-0 state for the others: ``$CSSEG_HOME/states/step0-<key>.pt``.
+
+    Step 0 is FT for every method and its key ignores the method, so ``csseg train`` with
+    another method (or a rerun) starts from it instead of training it again.
+    """
+    return csseg_home() / "states" / f"step0-{cfg.step_key(0)}.pt"
 
 
 def write_config(cfg: ExperimentConfig, path: str | Path) -> None:
@@ -80,10 +91,17 @@ def run_scenario(cfg: ExperimentConfig, out_dir: str | Path, *, steps: Iterable[
     results = []
     for step in steps:
         ckpt = checkpoint_path(out_dir, cfg, step)
+        shared = shared_step0_path(cfg) if step == 0 else None
+        if resume and shared is not None and shared.exists() and not ckpt.exists() and rank == 0:
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(shared, ckpt)  # the same step 0 trained by another run (any method)
+            echo(f"step 0: reusing the shared step-0 state {shared}")
         if resume and ckpt.exists():
             state = load_state(ckpt)
-            metrics = _reused_metrics(out_dir, step, cfg.step_key(step))
+            metrics = state.get("metrics")
             if metrics is not None:
+                if rank == 0:
+                    append_rows(out_dir / "steps.parquet", [step_row(cfg, metrics, run=out_dir.name, reused=True)], key=("step",))
                 echo(f"step {step}: reusing {ckpt.name} | {format_metrics(metrics)}")
                 results.append(metrics)
                 continue
@@ -95,17 +113,10 @@ def run_scenario(cfg: ExperimentConfig, out_dir: str | Path, *, steps: Iterable[
             raise type(err)(f"{err}{done}") from None
         if rank == 0:
             save_state(state, ckpt)
-            append_rows(out_dir / "steps.parquet", [step_row(cfg, metrics, run=out_dir.name)], key=("step",))
+            if shared is not None:
+                save_state(state, shared)
+            append_rows(out_dir / "steps.parquet", [step_row(cfg, metrics, run=out_dir.name, reused=False)], key=("step",))
             echo(f"step {step}: {format_metrics(metrics)} | {metrics['wall_s']:.1f}s | "
                  f"{metrics['images_per_s']:.0f} img/s | {metrics['n_train_images']} train images")
         results.append(metrics)
     return results
-
-
-def _reused_metrics(out_dir: Path, step: int, key: str) -> dict | None:
-    from .results import read_rows
-
-    for row in read_rows(out_dir / "steps.parquet"):
-        if row.get("step") == step and row.get("step_key") == key:
-            return {**row, "class_iou": row.get("class_iou") or []}
-    return None

@@ -147,8 +147,16 @@ def export_best(sweep_dir: str | os.PathLike, metric: str | None, out_path: str 
     return out_path
 
 
-def load_best(path: str | os.PathLike) -> list[dict]:
-    """Entries of a file written by :func:`export_best` (always a list)."""
+def load_best(path: str | os.PathLike, *, scenario: str | None = None, mode: str | None = None) -> list[dict]:
+    """Entries of a file written by :func:`export_best` (always a list).
+
+    Args:
+        path: the YAML file.
+        scenario, mode: keep only the entries of this scenario (aliases accepted) / mode.
+
+    Raises:
+        ConfigError: missing or malformed file, or no entry matches.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"best-config file {path} does not exist; write it with `csseg export-best`")
@@ -157,6 +165,14 @@ def load_best(path: str | os.PathLike) -> list[dict]:
     for e in entries:
         if not isinstance(e, dict) or not {"scenario", "method"} <= set(e):
             raise ConfigError(f"{path} is not a best-config file (each entry needs scenario, method, params)")
+    if scenario is not None or mode is not None:
+        from csseg_core.scenarios import get_scenario
+
+        want = get_scenario(scenario).name if scenario else None
+        entries = [e for e in entries if (want is None or get_scenario(e["scenario"]).name == want)
+                   and (mode is None or e.get("mode", "disjoint") == mode)]
+        if not entries:
+            raise ConfigError(f"{path} has no configuration for {scenario or 'any scenario'} / {mode or 'any mode'}")
     return entries
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,8 @@ def init_ray(spec: SweepSpec) -> bool:
     """Start (or join) Ray; returns True if this call connected and must shut it down."""
     if ray.is_initialized():
         return False
-    env = {"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}}
+    paths = [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
+    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in paths if p)}}
     if spec.address:
         ctx = ray.init(address=spec.address, runtime_env=env)
     else:
@@ -150,18 +152,17 @@ def _searcher(plan: Plan, cell: GridCell):
                         sampler=TPESampler(seed=plan.spec.seed), study_name=cell.name, storage=storage)
 
 
-def run_cell(plan: Plan, cell: GridCell, concurrency: int):
-    """Fit (or restore and finish) the Tuner of one grid cell; returns its ResultGrid."""
+def tune_config(plan: Plan, cell: GridCell, concurrency: int) -> tuple[tune.TuneConfig, dict | None]:
+    """The cell's ``TuneConfig`` (searcher, scheduler, samples, concurrency) and its ``param_space``.
+
+    With a search space: ``OptunaSearch`` (seeded TPE, journal storage, the preset first) for
+    ``trials`` samples. Without one (FT): the preset over ``trials`` consecutive seeds.
+    ASHA (``time_attr="step"``) is used only when the scenario has at least 2 incremental steps.
+    """
     from csseg_core.scenarios import get_scenario
 
     spec = plan.spec
     num_steps = get_scenario(cell.scenario).num_steps
-    trainable = tune.with_resources(tune.with_parameters(trial_driver, ctx=_cell_ctx(plan, cell)), DRIVER_RESOURCES)
-    exp_dir = plan.sweep_dir / "tune" / cell.name
-    if tune.Tuner.can_restore(str(exp_dir)):
-        log(f"{cell.name}: restoring the interrupted Tune experiment")
-        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True)
-        return tuner.fit()
     scheduler = None
     if spec.scheduler == "asha" and num_steps > 2:
         from ray.tune.schedulers import ASHAScheduler
@@ -173,14 +174,26 @@ def run_cell(plan: Plan, cell: GridCell, concurrency: int):
     else:  # nothing to search (FT): the preset over consecutive seeds
         seeds = [plan.cell_seed(cell) + i for i in range(spec.trials)]
         searcher, param_space, samples = None, {"seed": tune.grid_search(seeds)}, 1
+    config = tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=samples,
+                             max_concurrent_trials=concurrency)
+    return config, param_space
+
+
+def run_cell(plan: Plan, cell: GridCell, concurrency: int):
+    """Fit (or restore and finish) the Tuner of one grid cell; returns its ResultGrid."""
+    trainable = tune.with_resources(tune.with_parameters(trial_driver, ctx=_cell_ctx(plan, cell)), DRIVER_RESOURCES)
+    exp_dir = plan.sweep_dir / "tune" / cell.name
+    if tune.Tuner.can_restore(str(exp_dir)):
+        log(f"{cell.name}: restoring the interrupted Tune experiment")
+        return tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True).fit()
+    config, param_space = tune_config(plan, cell, concurrency)
     tuner = tune.Tuner(
         trainable,
         param_space=param_space,
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=samples,
-                                    max_concurrent_trials=concurrency),
+        tune_config=config,
         run_config=tune.RunConfig(name=cell.name, storage_path=str(plan.sweep_dir / "tune"),
                                   failure_config=tune.FailureConfig(max_failures=0),
-                                  callbacks=[TablesCallback(str(plan.sweep_dir))], verbose=spec.verbose),
+                                  callbacks=[TablesCallback(str(plan.sweep_dir))], verbose=plan.spec.verbose),
     )
     return tuner.fit()
 
@@ -246,6 +259,12 @@ def _closing_note(plan: Plan, state: dict) -> None:
         f"for {len(plan.cells)} cell(s)")
     from .export import leaderboard
 
-    for row in leaderboard(plan.sweep_dir, plan.metric, top=1):
+    board = leaderboard(plan.sweep_dir, plan.metric)
+    for row in (r for r in board if r["rank"] == 1):
         log(f"best {row['cell']}: {plan.metric}={row[plan.metric]:.3f} (trial {row['trial_id']})")
+    if plan.multi_objective:
+        for cell in dict.fromkeys(r["cell"] for r in board):
+            front = [r for r in board if r["cell"] == cell and r["pareto"]]
+            points = ", ".join(f"{r['trial_id']} ({'/'.join(f'{r[o]:.3f}' for o in plan.objectives)})" for r in front)
+            log(f"Pareto front {cell} ({'/'.join(plan.objectives)}): {points}")
     log(f"tables: {plan.sweep_dir / 'trials.parquet'}, {plan.sweep_dir / 'steps.parquet'}")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
@@ -23,7 +22,15 @@ from typing import Any, Mapping
 from csseg_core.config import resolve_config
 from csseg_core.errors import ConfigError
 from search_spaces import (
-    GridCell, Param, canonical, check_point, check_space, get_space, grid, param_to_dict, preset,
+    GridCell,
+    Param,
+    canonical,
+    check_point,
+    check_space,
+    get_space,
+    grid,
+    param_to_dict,
+    preset,
 )
 
 METRICS = ("miou_all", "miou_old", "miou_new", "miou_avg")

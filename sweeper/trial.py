@@ -1,11 +1,13 @@
 """One trial = one Tune function trainable (the *driver*) that runs one Ray Train ``TorchTrainer``.
 
 Driver (:func:`trial_driver`, in the Tune trial actor; asks for no CPU, see ``runner.py``):
-resolves the trial's config, gets the step-0 state from the sweep's cache actor (or the right
-to train it), builds ONE ``TorchTrainer`` named after the Tune trial id and waits for it.
+resolves the trial's config and builds ONE ``TorchTrainer`` named after the Tune trial id.
 
-Workers (:func:`train_worker`, one per DDP rank): obtain the step-0 state (train it, or
-``ray.get`` the cache's ref), then run steps 1..T-1 with :func:`csseg_core.engine.run_step`,
+Workers (:func:`train_worker`, one per DDP rank): obtain the step-0 state from the sweep's
+cache actor (rank 0 asks; if this trial is the first, all ranks train it and rank 0 publishes
+it; if another trial is training it, rank 0 waits, so the worker group's start-up overlaps
+that training; otherwise every rank ``ray.get``s the cached ref), then run steps 1..T-1 with
+:func:`csseg_core.engine.run_step`,
 calling ``ray.train.report`` once per step with the scalar metrics and a checkpoint of the
 state (rank 0 writes it). ``TuneReportCallback`` turns each report into one Tune result, so
 ASHA stops weak trials at step boundaries (``time_attr="step"``). A failed worker group is
@@ -16,7 +18,6 @@ fragments (``tables.py``) that the sweep merges into Parquet.
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ from ray import tune
 from csseg_core.config import ExperimentConfig, resolve_config
 from csseg_core.results import step_row
 
-from .cache import READY, TRAIN, Lease, lookup_cache, state_path
+from .cache import READY, Lease, lookup_cache, state_path
 from .tables import rows_dir, write_json, write_step_fragment
 
 SCALARS = ("step", "miou_all", "miou_old", "miou_new", "miou_avg", "val_miou", "wall_s", "images_per_s")
@@ -73,7 +74,7 @@ def _one_line(err: BaseException) -> str:
 def train_worker(loop: dict) -> None:
     """Ray Train worker function: steps 1..T-1 of one trial (all ranks call it)."""
     from csseg_core.engine import run_step
-    from csseg_core.state import load_state, save_state, state_from_numpy, state_to_numpy
+    from csseg_core.state import load_state, save_state
 
     cfg = ExperimentConfig.from_dict(loop["config"])
     rank = ray.train.get_context().get_world_rank()
@@ -82,26 +83,12 @@ def train_worker(loop: dict) -> None:
     tb_dir = str(Path(sweep_dir) / "tb" / trial_id)
 
     checkpoint = ray.train.get_checkpoint()
-    metrics0 = loop.get("step0_metrics")
+    metrics0 = None
     if checkpoint is not None:  # a restarted worker group: go on after the last finished step
         with checkpoint.as_directory() as d:
             state = load_state(Path(d) / "state.pt")
     else:
-        decision, ref_list = READY, loop["step0"]
-        if loop["train_step0"]:  # ask again: a restarted group must not train step 0 twice
-            decision, ref_list, metrics0 = Lease(lookup_cache(loop["sweep"]), loop["key0"], trial_id).poll()
-        if decision == TRAIN:
-            state, metrics0 = run_step(cfg, 0, None, log_dir=str(Path(sweep_dir) / "tb" / f"step0-{loop['key0']}"))
-            metrics0 = portable_metrics(metrics0)
-            if rank == 0:
-                save_state(state, state_path(Path(sweep_dir) / "step0", loop["key0"]))
-                ray.get(lookup_cache(loop["sweep"]).put.remote(loop["key0"], state_to_numpy(state), metrics0, trial_id))
-                write_step_fragment(sweep_dir, trial_id, step_row(cfg, metrics0, cached=False, **extra))
-        else:
-            state = state_from_numpy(ray.get(ref_list[0]))
-            if rank == 0:
-                write_step_fragment(sweep_dir, trial_id, step_row(cfg, metrics0, cached=True, **extra))
-
+        state, metrics0 = _step0(cfg, loop, rank, extra)
     if cfg.num_steps == 1:  # nothing incremental: the step-0 result is the trial's result
         ray.train.report(scalar_metrics(metrics0 or {"step": 0}))
         return
@@ -121,6 +108,56 @@ def train_worker(loop: dict) -> None:
                 save_state(state, Path(d) / "state.pt")
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report(scalar_metrics(metrics), checkpoint=checkpoint, checkpoint_dir_name=f"step-{step:03d}")
+
+
+def _broadcast(value: str, rank: int) -> str:
+    """Rank 0's ``value`` on every rank (no-op without a process group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    box = [value if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _step0(cfg: ExperimentConfig, loop: dict, rank: int, extra: dict) -> tuple[dict, dict]:
+    """The step-0 state from the sweep's cache, training it (all ranks) if this trial is first.
+
+    Rank 0 talks to the cache (waiting while another trial trains the key, keeping its own
+    lease alive while it trains) and tells the other ranks what it decided. A READY key stays
+    READY, so the other ranks then fetch the same ref.
+    """
+    from csseg_core.engine import run_step
+    from csseg_core.state import save_state, state_from_numpy, state_to_numpy
+
+    sweep_dir, trial_id, key0 = loop["sweep_dir"], loop["trial_id"], loop["key0"]
+    cache = lookup_cache(loop["sweep"])
+    lease = Lease(cache, key0, trial_id, poll_s=loop.get("poll_s", 1.0))
+    decision, ref_list, metrics0 = lease.wait() if rank == 0 else (None, None, None)
+    decision = _broadcast(decision, rank)
+    if decision == READY:
+        if rank != 0:
+            _, ref_list, metrics0 = ray.get(cache.acquire.remote(key0, trial_id))
+        state = state_from_numpy(ray.get(ref_list[0]))
+        if rank == 0:
+            write_step_fragment(sweep_dir, trial_id, step_row(cfg, metrics0, cached=True, **extra))
+        return state, metrics0
+    try:
+        state, metrics0 = run_step(cfg, 0, None, log_dir=str(Path(sweep_dir) / "tb" / f"step0-{key0}"))
+        metrics0 = portable_metrics(metrics0)
+        if rank == 0:
+            save_state(state, state_path(Path(sweep_dir) / "step0", key0))
+            ray.get(cache.put.remote(key0, state_to_numpy(state), metrics0, trial_id))
+            write_step_fragment(sweep_dir, trial_id, step_row(cfg, metrics0, cached=False, **extra))
+    except BaseException as err:
+        if rank == 0:
+            write_step_fragment(sweep_dir, trial_id, step_row(
+                cfg, {"step": 0}, cached=False, **{**extra, "status": "error", "error": _one_line(err)}))
+        lease.close(failed=True)  # another trial (or this one's retry) trains it
+        raise
+    lease.close(failed=False)
+    return state, metrics0
 
 
 # ---------------------------------------------------------------------------- driver
@@ -157,17 +194,13 @@ def trial_driver(config: dict, ctx: dict) -> None:
         "mode": cfg.mode, "method": cfg.method, "profile": cfg.profile, "seed": cfg.seed,
         "num_steps": cfg.num_steps, "hp": hp, "params": cfg.method_params, "config": cfg.to_dict()})
 
-    key0 = cfg.step_key(0)
-    lease = Lease(lookup_cache(ctx["sweep"]), key0, trial_id, poll_s=ctx.get("poll_s", 1.0))
-    decision, ref_list, metrics0 = lease.wait()
     workers, gpus, cpus = ctx["workers_per_trial"], ctx["gpus_per_worker"], ctx["cpus_per_worker"]
     per_worker = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={
             "config": cfg.to_dict(), "sweep": ctx["sweep"], "sweep_dir": str(sweep_dir), "trial_id": trial_id,
-            "cell": ctx["cell"], "key0": key0, "train_step0": decision == TRAIN, "step0": ref_list,
-            "step0_metrics": metrics0},
+            "cell": ctx["cell"], "key0": cfg.step_key(0), "poll_s": ctx.get("poll_s", 1.0)},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpus > 0, resources_per_worker=per_worker),
         run_config=ray.train.RunConfig(
             name=trial_id, storage_path=str(sweep_dir / "train"),
@@ -175,17 +208,13 @@ def trial_driver(config: dict, ctx: dict) -> None:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
             callbacks=[TuneReportCallback()]),
     )
-    failed = True
     try:
         trainer.fit()
-        failed = False
     except Exception as err:  # noqa: BLE001 - every failure is recorded, then re-raised for Tune
         message = _worker_error(err, sweep_dir, trial_id)
         write_json(folder / "trial.json", {"status": "error", "error": message,
                                            "wall_s": time.perf_counter() - started})
         raise TrialError(message) from None
-    finally:
-        lease.close(failed=failed)
     write_json(folder / "trial.json", {"status": "ok", "error": None, "wall_s": time.perf_counter() - started})
 
 

@@ -1,5 +1,6 @@
-"""Session fixtures for tests that need Ray (import them into a test module, or let the lead's
-``conftest.py`` do ``from ray_fixtures import ray_session, tiny_voc  # noqa: F401``).
+"""Session fixtures for tests that need Ray. A test module imports the fixture *functions*
+(``from ray_fixtures import ray_session_fixture, tiny_voc_fixture  # noqa: F401``) and then asks
+for ``ray_session`` / ``tiny_voc`` by name; the lead's ``conftest.py`` may import them instead.
 
 One local Ray instance (``num_cpus=2``) per test session: starting Ray costs ~4 s and every
 ``TorchTrainer`` launch ~13–20 s on 2 cores, so the tests share the cluster and keep sweeps tiny.
@@ -12,25 +13,27 @@ import os
 import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "120")
 
 
-@pytest.fixture(scope="session")
-def ray_session():
-    """A local Ray instance with 2 CPUs and no dashboard, shut down at the end of the session."""
+@pytest.fixture(scope="session", name="ray_session")
+def ray_session_fixture(tmp_path_factory):
+    """A local Ray instance with 2 CPUs and no dashboard, shut down at the end of the session.
+
+    Its workers get a private ``CSSEG_HOME`` (filter caches) unless one is already set.
+    """
     ray = pytest.importorskip("ray")
-    if ray.is_initialized():  # someone else's session fixture started it
+    if ray.is_initialized():  # another session fixture started it
         yield ray
         return
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False,
-             configure_logging=True, logging_level="WARNING")
+    home = os.environ.get("CSSEG_HOME") or str(tmp_path_factory.mktemp("ray-csseg-home"))
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
+             runtime_env={"env_vars": {"CSSEG_HOME": home, "RAY_USAGE_STATS_ENABLED": "0"}})
     yield ray
     ray.shutdown()
 
 
-@pytest.fixture(scope="session")
-def tiny_voc(tmp_path_factory):
+@pytest.fixture(scope="session", name="tiny_voc")
+def tiny_voc_fixture(tmp_path_factory):
     """A small synthetic VOC dataset (240 train / 60 val images of 64 px), made once per session."""
     from csseg_core.data.synth import generate
 

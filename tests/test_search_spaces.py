@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import optuna
 import pytest
 
@@ -120,5 +122,5 @@ def test_grid_is_the_cartesian_product():
         S.grid(["voc-15-1"], ["sideways"])
     with pytest.raises(ConfigError):
         S.grid([])
-    with pytest.raises(Exception):
-        cells[0].mode = "x"  # frozen
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cells[0].mode = "x"

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import ray.cloudpickle
 import torch
-
-from ray_fixtures import ray_session  # noqa: F401  (session fixture)
+from ray_fixtures import ray_session_fixture  # noqa: F401  (session fixture)
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers need not import tests/

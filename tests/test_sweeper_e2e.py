@@ -16,15 +16,15 @@ import time
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from ray_fixtures import ray_session_fixture, tiny_voc_fixture  # noqa: F401  (session fixtures)
 
 from csseg_core.errors import ConfigError
-from ray_fixtures import ray_session, tiny_voc  # noqa: F401  (session fixtures)
 from search_spaces import Choice, LogUniform
 from sweeper import SweepSpec, best_config, export_best, leaderboard, load_best, run_sweep
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
-TINY = {"epochs": 1, "epochs_incremental": 1, "crop_size": 48, "num_samples": 1}
+TINY = {"epochs": 1, "epochs_incremental": 1, "crop_size": 48, "head_channels": 32, "num_samples": 0}
 
 
 def _spec(storage, data_root, **kw):
@@ -111,7 +111,7 @@ def test_failing_trial_is_recorded_and_two_workers_match_one(lwf_sweep, tiny_voc
                  max_failures=1, space={"kd": LogUniform(1, 100), "fault_nan_step": Choice([-1, 1])},
                  points=[{"kd": 100.0, "fault_nan_step": -1}, {"kd": 100.0, "fault_nan_step": 1}])
     sweep_dir = run_sweep(spec)
-    trials = {t["param_kd"] and t["trial_id"]: t for t in pq.read_table(sweep_dir / "trials.parquet").to_pylist()}
+    trials = {t["trial_id"]: t for t in pq.read_table(sweep_dir / "trials.parquet").to_pylist()}
     assert sorted(t["status"] for t in trials.values()) == ["error", "ok"]
     bad = next(t for t in trials.values() if t["status"] == "error")
     assert "TrainingError" in bad["error"] and "nan" in bad["error"].lower()
@@ -125,3 +125,8 @@ def test_failing_trial_is_recorded_and_two_workers_match_one(lwf_sweep, tiny_voc
                       if t["cell"] == "voc-19-1-disjoint" and t["param_kd"] == 100.0)
     for metric in ("miou_all", "miou_old"):
         assert good[metric] == pytest.approx(one_worker[metric], abs=0.1), metric
+    steps1 = pq.read_table(sweep_dir1 / "steps.parquet").to_pylist()
+    for step in (0, 1):  # DDP over 2 workers trains like 1 worker on the same global batch
+        loss2 = next(r["loss_ce"] for r in steps if r["trial_id"] == good["trial_id"] and r["step"] == step)
+        loss1 = next(r["loss_ce"] for r in steps1 if r["trial_id"] == one_worker["trial_id"] and r["step"] == step)
+        assert loss2 == pytest.approx(loss1, rel=0.3), step

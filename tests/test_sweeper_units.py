@@ -202,3 +202,34 @@ def test_export_single_cell_is_a_mapping(tmp_path):
     doc = yaml.safe_load(export_best(d, "miou_all", tmp_path / "b.yaml").read_text())
     assert doc["scenario"] == "voc-19-1" and doc["params"] == {"kd": 5.0} and doc["data_root"] == "/data"
     assert json.loads(json.dumps(doc))  # plain types only
+
+
+# ---------------------------------------------------------------------------- tune config
+def test_tune_config_single_multi_objective_asha_and_ft(tmp_path):
+    from sweeper.runner import tune_config
+
+    plan = plan_sweep(SweepSpec(scenarios="voc-15-1,voc-19-1", method="sdr", trials=7, storage=str(tmp_path),
+                                objectives=("old", "new"), scheduler="asha", seed=3))
+    plan.sweep_dir.mkdir(parents=True)
+    config, param_space = tune_config(plan, plan.cells[0], concurrency=2)
+    assert param_space is None and config.num_samples == 7 and config.max_concurrent_trials == 2
+    searcher = config.search_alg
+    assert searcher.metric == ["miou_old", "miou_new"] and searcher.mode == ["max", "max"]
+    assert searcher._points_to_evaluate == [dict(plan.points[0])]
+    assert (plan.sweep_dir / "optuna-voc-15-1-disjoint.log").exists()
+    asha = config.scheduler
+    assert asha._time_attr == "step" and asha._metric == "miou_all" and asha._max_t == 5
+    config, _ = tune_config(plan, plan.cells[1], concurrency=1)  # voc-19-1: one incremental step, no ASHA
+    assert config.scheduler is None
+    ft = plan_sweep(SweepSpec(scenarios="voc-15-1", method="ft", trials=3, storage=str(tmp_path), seed=5))
+    config, param_space = tune_config(ft, ft.cells[0], concurrency=1)
+    assert config.search_alg is None and config.num_samples == 1
+    assert param_space["seed"] == {"grid_search": [5, 6, 7]}
+
+
+def test_load_best_filters_by_scenario_and_mode(fake_sweep, tmp_path):
+    out = export_best(fake_sweep, "miou_all", tmp_path / "best.yaml")
+    assert [e["scenario"] for e in load_best(out, scenario="voc-15-5")] == ["voc-15-5"]
+    assert len(load_best(out, mode="disjoint")) == 2
+    with pytest.raises(ConfigError, match="no configuration"):
+        load_best(out, scenario="voc-15-1")

@@ -300,8 +300,13 @@ def default_data_root(dataset: str = "voc") -> Path:
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-    print(
-        f"csseg: no --data-root given, using the synthetic {dataset.upper()} dataset at {target}",
-        file=sys.stderr,
-    )
+    if target not in _ANNOUNCED:  # one line per process, not one per step
+        _ANNOUNCED.add(target)
+        print(
+            f"csseg: no --data-root given, using the synthetic {dataset.upper()} dataset at {target}",
+            file=sys.stderr,
+        )
     return target
+
+
+_ANNOUNCED: set[Path] = set()
