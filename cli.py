@@ -128,7 +128,7 @@ def load_config_file(path: Path, scenario: Optional[str], mode: Optional[str]) -
             names = ", ".join(f"{c.get('scenario')}/{c.get('mode')}" for c in data["cells"])
             raise ConfigError(f"config file {path} holds several cells ({names}); pick one with SCENARIO and --mode")
         data = cells[0]
-    out = {k: v for k, v in data.items() if k not in ("metrics", "command", "params", "trial_id", "sweep", "cell")}
+    out = {k: v for k, v in data.items() if k not in ("metrics", "command", "params", "trial_id", "sweep", "cell", "metric")}
     out.update(data.get("params") or {})
     return out
 
@@ -221,6 +221,130 @@ def test(checkpoint: Path = typer.Argument(..., help="A checkpoint written by `c
     for name, iou in zip(metrics["class_names"], metrics["class_iou"]):
         names.add_row(name, pct(iou))
     console.print(names)
+
+
+# ---------------------------------------------------------------------------- sweeps
+def _csv(value: Optional[str]) -> tuple[str, ...]:
+    return tuple(v.strip() for v in (value or "").split(",") if v.strip())
+
+
+@app.command()
+@user_errors
+def spaces(method: Optional[str] = typer.Argument(None, help="Only this method.")):
+    """Print the search spaces a sweep explores (ranges, distributions, the preset)."""
+    import search_spaces
+
+    rows = search_spaces.describe(method)
+    table = Table(title="csseg search spaces (the preset is always the first trial)")
+    columns = list(rows[0]) if rows else ["method", "param", "distribution", "range", "preset"]
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*(str(row[c]) for c in columns))
+    console.print(table)
+
+
+@app.command()
+@user_errors
+def sweep(scenarios: str = typer.Argument(..., help="Scenario(s), comma separated: voc-15-1,voc-15-5."),
+          method: str = typer.Option("sdr", "--method", "-m", help="Method whose loss weights are searched."),
+          trials: int = typer.Option(20, help="Trials per grid cell (the first is the reference preset)."),
+          mode: str = typer.Option("disjoint", help="Mode(s), comma separated: disjoint,overlapped,sequential."),
+          metric: str = typer.Option("miou_all", help="Objective at the last step: miou_all|miou_old|miou_new|miou_avg."),
+          objectives: Optional[str] = typer.Option(None, help="Multi-objective, e.g. old,new (Pareto front reported)."),
+          scheduler: str = typer.Option("fifo", help="fifo or asha (stops weak trials at step boundaries)."),
+          concurrency: Optional[int] = typer.Option(None, help="Concurrent trials; default: what the cluster holds."),
+          workers_per_trial: int = typer.Option(1, help="DDP workers per trial (Ray Train)."),
+          gpus_per_worker: float = typer.Option(0.0, help="GPUs per worker (0 = CPU, gloo)."),
+          cpus_per_worker: float = typer.Option(1.0, help="CPUs per worker."),
+          address: Optional[str] = typer.Option(None, help="Join a Ray cluster: auto or HOST:PORT."),
+          storage: Path = typer.Option(Path("sweeps"), help="Parent folder of the sweep folder."),
+          name: Optional[str] = typer.Option(None, help="Sweep name; default derived from the sweep's content."),
+          resume: bool = typer.Option(False, help="Continue an interrupted sweep (same --name does too)."),
+          seed: int = typer.Option(0, help="Seed of the runs and of the TPE sampler."),
+          seeds: Optional[str] = typer.Option(None, help="Seeds as a grid axis, e.g. 0,1,2."),
+          max_failures: int = typer.Option(1, help="Retries of a failed trial, from its last finished step."),
+          data_root: Optional[Path] = typer.Option(None, help="Dataset root; default: the synthetic dataset."),
+          profile: str = typer.Option("smoke", help="smoke, small or paper."),
+          set_: Optional[List[str]] = typer.Option(None, "--set", help="key=value pinned for every trial (repeatable)."),
+          no_dashboard: bool = typer.Option(False, "--no-dashboard", help="Start Ray without its dashboard.")):
+    """Sweep loss weights over a scenario grid: Ray Tune + Optuna, one TorchTrainer per trial."""
+    from csseg_core.config import parse_set
+    from sweeper import SweepSpec, run_sweep
+
+    grid_seeds = tuple(int(s) for s in _csv(seeds)) or (None,)
+    spec = SweepSpec(scenarios=_csv(scenarios), method=method, modes=_csv(mode), trials=trials, metric=metric,
+                     objectives=_csv(objectives), scheduler=scheduler, concurrency=concurrency,
+                     workers_per_trial=workers_per_trial, gpus_per_worker=gpus_per_worker,
+                     cpus_per_worker=cpus_per_worker, address=address, storage=str(storage), name=name,
+                     resume=resume, seed=seed, max_failures=max_failures,
+                     data_root=str(data_root) if data_root else None, profile=profile,
+                     overrides=tuple(parse_set(set_ or []).items()), grid_seeds=grid_seeds,
+                     dashboard=not no_dashboard)
+    sweep_dir = run_sweep(spec)
+    _print_leaderboard(sweep_dir, metric, top=5)
+    typer.echo(f"next: csseg results {sweep_dir} | csseg export-best {sweep_dir} --out best.yaml")
+
+
+def _print_leaderboard(sweep_dir: Path, metric: Optional[str], top: Optional[int]) -> None:
+    from sweeper import leaderboard
+
+    rows = leaderboard(sweep_dir, metric, top=top)
+    if not rows:
+        typer.echo(f"{sweep_dir}: no trial has finished every step yet")
+        return
+    fixed = ["cell", "rank", "trial_id", "miou_all", "miou_old", "miou_new", "miou_avg"]
+    params = [k for k in rows[0] if k not in fixed + ["scenario", "mode", "method", "seed", "pareto", "wall_s"]]
+    table = Table(title=f"{Path(sweep_dir).name}: leaderboard (mIoU %, last step)")
+    for col in fixed + params + ["wall_s"]:
+        table.add_column(col)
+    for r in rows:
+        cells = [str(r["cell"]), str(r["rank"]), str(r["trial_id"])] + [pct(r.get(k)) for k in fixed[3:]]
+        cells += [f"{r[k]:.3g}" if isinstance(r.get(k), float) else str(r.get(k)) for k in params]
+        table.add_row(*cells, f"{r.get('wall_s') or 0:.0f}")
+    console.print(table)
+
+
+@app.command()
+@user_errors
+def results(sweep_dir: Path = typer.Argument(..., help="A sweep folder (sweeps/<name>)."),
+            metric: Optional[str] = typer.Option(None, help="Rank by this metric; default: the sweep's."),
+            top: Optional[int] = typer.Option(None, help="Rows per grid cell.")):
+    """Print the leaderboard of a sweep, per grid cell (trials that finished every step)."""
+    _print_leaderboard(sweep_dir, metric, top)
+
+
+@app.command("export-best")
+@user_errors
+def export_best(sweep_dir: Path = typer.Argument(..., help="A sweep folder."),
+                metric: Optional[str] = typer.Option(None, help="Best by this metric; default: the sweep's."),
+                out: Path = typer.Option(Path("best.yaml"), help="Where to write the YAML.")):
+    """Write the best configuration of each grid cell, its metrics and the command that reruns it."""
+    from sweeper import export_best as export
+
+    path = export(sweep_dir, metric, out)
+    typer.echo(f"wrote {path}; run it with: csseg train --config {path}  (or csseg final {path} --seeds 3)")
+
+
+@app.command()
+@user_errors
+def final(best: Path = typer.Argument(..., help="A file written by `csseg export-best`."),
+          seeds: int = typer.Option(3, help="Number of seeds (0..N-1)."),
+          data_root: Optional[Path] = typer.Option(None, help="Dataset root; default: the file's."),
+          out: Optional[Path] = typer.Option(None, help="Output folder; default: <file dir>/final."),
+          progress: bool = typer.Option(True, help="Show progress bars.")):
+    """Run the exported configuration(s) over several seeds; report mean ± std per metric."""
+    from sweeper import run_final
+
+    summaries = run_final(best, seeds, out_dir=out, data_root=str(data_root) if data_root else None, progress=progress)
+    table = Table(title=f"final runs over {seeds} seed(s) (mIoU %, last step, mean ± std)")
+    for col in ("cell", "method", "all", "old", "new", "avg"):
+        table.add_column(col)
+    for s in summaries:
+        m = s["metrics"]
+        table.add_row(s["cell"], s["method"], *(f"{pct(m[k]['mean'])} ± {pct(m[k]['std'])}" for k in
+                                                ("miou_all", "miou_old", "miou_new", "miou_avg")))
+    console.print(table)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -215,6 +215,7 @@ def resolve_config(scenario: str, method: str = "ft", *, profile: str = "smoke",
             values[key] = value
     values["mode"] = check_mode(values.get("mode", "disjoint"))
     build_method(method, params)  # validates the hyperparameters
+    params = {k: v for k, v in params.items() if v != defaults[k]}  # canonical: only what differs
     cfg = ExperimentConfig(scenario=scen.name, method=method, params=tuple(sorted(params.items())), profile=profile, **values)
     _validate(cfg)
     return cfg

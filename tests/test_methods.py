@@ -13,10 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from csseg_core import engine
 from csseg_core.config import resolve_config
 from csseg_core.data import build_datasets
 from csseg_core.engine import run_step
 from csseg_core.errors import ConfigError, TrainingError
+from csseg_core.metrics import ConfusionMatrix
 from csseg_core.methods import STATISTICS, get_method, list_methods, method_defaults
 from csseg_core.scenarios import get_scenario
 from csseg_core.state import load_state, save_state
@@ -245,7 +247,9 @@ def test_nonzero_weights_change_the_update(step1):
 
 
 # ----------------------------------------------------------------------------- step 0 = FT
-def test_step0_is_ft_for_every_method(make_cfg, step0):
+def test_step0_is_ft_for_every_method(make_cfg, step0, monkeypatch):
+    # the training update is under test, not the evaluation: skip it (10 step-0 runs on 2 cores)
+    monkeypatch.setattr(engine, "evaluate", lambda model, loader, num_classes, device: ConfusionMatrix(num_classes))
     ref_state, ref_metrics = run_step(make_cfg("ft"), 0)
     assert _weights_equal(ref_state["model"], step0[0]["model"]), "the cached shared step 0 differs from a fresh one"
     for method in list_methods()[1:]:
@@ -257,7 +261,7 @@ def test_step0_is_ft_for_every_method(make_cfg, step0):
         assert set(metrics["losses"]) == {"ce"}, method
         assert metrics["losses"] == ref_metrics["losses"], method
         assert _weights_equal(state["model"], ref_state["model"]), method
-        assert state["history"] == ref_state["history"]
+        assert state["config"]["method"] == method and state["statistics"].keys() == ref_state["statistics"].keys()
 
 
 @pytest.mark.xfail(strict=True, reason="engine.run_step builds the step-0 collectors with "

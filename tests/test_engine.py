@@ -1,0 +1,371 @@
+"""Engine and runner: determinism, state round trip, step checks, DDP evaluation, run_scenario
+files / resume / faults.
+
+Every step trains one epoch on a fixed 32-image list per step of voc-15-5 (``index_dir``) with
+one torch thread, on the session's synthetic VOC.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import yaml
+from torch.utils.data import Subset
+
+from csseg_core import runner
+from csseg_core.config import ExperimentConfig, resolve_config
+from csseg_core.data import build_datasets
+from csseg_core.distributed import spawn
+from csseg_core.engine import _loader, evaluate, run_step
+from csseg_core.errors import ConfigError, TrainingError
+from csseg_core.metrics import ConfusionMatrix
+from csseg_core.models import build_model
+from csseg_core.results import read_rows, write_rows
+from csseg_core.runner import checkpoint_path, run_scenario
+from csseg_core.scenarios import get_scenario
+from csseg_core.state import load_state, save_state
+
+SCENARIO = "voc-15-5"
+METRIC_KEYS = {"step", "miou_all", "miou_old", "miou_new", "miou_avg", "class_iou", "losses", "wall_s", "images_per_s",
+               "n_train_images"}
+
+
+def micro_overrides(csseg_home: Path, voc_root: Path, tiny_overrides: dict) -> dict:
+    """tiny_overrides + 1 epoch on a fixed 32-image train list per step of voc-15-5 (2 iterations)."""
+    idx = Path(csseg_home) / "micro-index-voc-15-5"
+    if not (idx / "train-1.txt").is_file():
+        idx.mkdir(parents=True, exist_ok=True)
+        scenario = get_scenario(SCENARIO)
+        for step in range(scenario.num_steps):
+            train = build_datasets("voc", str(voc_root), scenario, "disjoint", step, crop_size=64, splits=("train",))["train"]
+            tmp = idx / f".train-{step}.txt.tmp"
+            tmp.write_text("\n".join(train.ids[:32]) + "\n")
+            tmp.replace(idx / f"train-{step}.txt")
+    return {**tiny_overrides, "epochs": 1, "epochs_incremental": 1, "index_dir": str(idx)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def make_cfg(csseg_home, voc_root, tiny_overrides):
+    overrides = micro_overrides(csseg_home, voc_root, tiny_overrides)
+
+    def make(method="ft", scenario=SCENARIO, **params):
+        return resolve_config(scenario, method, profile="smoke", data_root=str(voc_root), overrides={**overrides, **params})
+    return make
+
+
+@pytest.fixture(scope="module")
+def step0_runs(make_cfg):
+    """Step 0 three times: seed 42 twice, seed 7 once -> {name: (state, metrics)}."""
+    return {
+        "a": run_step(make_cfg(), 0),
+        "b": run_step(make_cfg(), 0),
+        "other_seed": run_step(make_cfg(seed=7), 0),
+    }
+
+
+def _weights_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and math.isnan(a):
+        return isinstance(b, float) and math.isnan(b)
+    return a == b
+
+
+# ----------------------------------------------------------------------------- determinism
+def test_same_seed_gives_identical_step0(step0_runs):
+    (sa, ma), (sb, mb) = step0_runs["a"], step0_runs["b"]
+    for key in METRIC_KEYS - {"wall_s", "images_per_s"} | {"val_miou", "iterations", "class_acc", "overall_acc"}:
+        assert _same(ma[key], mb[key]), key
+    assert _weights_equal(sa["model"], sb["model"])
+    assert _same(sa["statistics"], sb["statistics"])
+
+
+def test_other_seed_gives_another_step0(step0_runs):
+    (sa, ma), (sc, mc) = step0_runs["a"], step0_runs["other_seed"]
+    assert sc["config"]["seed"] == 7
+    assert not _weights_equal(sa["model"], sc["model"])
+    assert ma["losses"] != mc["losses"]
+
+
+def test_step0_metrics_keys_and_average(step0_runs):
+    state, metrics = step0_runs["a"]
+    assert METRIC_KEYS <= set(metrics)
+    assert set(metrics["losses"]) == {"ce"} and metrics["iterations"] == 2 and metrics["n_train_images"] == 32
+    assert len(metrics["class_iou"]) == 16 and math.isnan(metrics["miou_new"])
+    assert metrics["miou_avg"] == metrics["miou_all"] == state["history"][0]
+    assert metrics["wall_s"] > 0 and metrics["images_per_s"] > 0
+    assert {"step", "config", "model", "statistics", "history"} <= set(state) and state["step"] == 0
+
+
+# ----------------------------------------------------------------------------- state round trip
+def test_saved_state_continues_identically(step0_runs, make_cfg, tmp_path):
+    state, _ = step0_runs["a"]
+    path = save_state(state, tmp_path / "ckpt" / "step0.pt")
+    assert [p.name for p in path.parent.iterdir()] == ["step0.pt"]  # no temporary file left behind
+    raw = torch.load(path, map_location="cpu", weights_only=True)  # plain data only
+    reloaded = load_state(path)
+    assert _same(raw, reloaded) and _same(reloaded, state)
+    cfg = make_cfg("sdr")
+    s_mem, m_mem = run_step(cfg, 1, state)
+    s_disk, m_disk = run_step(cfg, 1, reloaded)
+    for key in METRIC_KEYS - {"wall_s", "images_per_s"} | {"val_miou", "iterations"}:
+        assert _same(m_mem[key], m_disk[key]), key
+    assert _weights_equal(s_mem["model"], s_disk["model"])
+    assert _same(s_mem["statistics"], s_disk["statistics"])
+    # miou_avg is the mean of miou_all over the steps so far
+    assert s_mem["history"] == [state["history"][0], m_mem["miou_all"]]
+    assert m_mem["miou_avg"] == pytest.approx(np.mean(s_mem["history"]), abs=1e-12)
+
+
+def test_load_state_rejects_missing_and_foreign_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_state(tmp_path / "nope.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="cannot be read"):
+        load_state(tmp_path / "junk.pt")
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(ConfigError, match="not a csseg step state"):
+        load_state(tmp_path / "other.pt")
+
+
+# ----------------------------------------------------------------------------- step checks
+def test_run_step_rejects_bad_steps_and_states(make_cfg, step0_runs):
+    state0, _ = step0_runs["a"]
+    cfg = make_cfg()
+    for step in (2, -1):
+        with pytest.raises(ConfigError, match=rf"step {step} is out of range: voc-15-5 has steps 0..1"):
+            run_step(cfg, step, state0)
+    with pytest.raises(ConfigError, match="step 1 needs the state of step 0"):
+        run_step(cfg, 1, None)
+    wrong = {**state0, "step": 1}
+    with pytest.raises(ConfigError, match="needs the state of step 0, got the state of step 1"):
+        run_step(cfg, 1, wrong)
+    with pytest.raises(ConfigError, match="step 3 needs the state of step 2, got the state of step 0"):
+        run_step(make_cfg(scenario="voc-15-1"), 3, state0)
+
+
+# ----------------------------------------------------------------------------- DDP evaluation
+def _eval_views(cfg: ExperimentConfig):
+    """The first 33 (odd) and 32 (even) images of the step-0 test split."""
+    scenario = get_scenario(cfg.scenario)
+    test = build_datasets("voc", cfg.data_root, scenario, cfg.mode, 0, crop_size=cfg.crop_size,
+                          splits=("test",))["test"]
+    return {"odd": Subset(test, range(33)), "even": Subset(test, range(32))}
+
+
+def _confusions(cfg: ExperimentConfig, weights: dict) -> dict[str, torch.Tensor]:
+    model = build_model(cfg.backbone, get_scenario(cfg.scenario).classes_per_step[:1], output_stride=cfg.output_stride,
+                        head_channels=cfg.head_channels)
+    model.load_state_dict(weights, strict=True)
+    out = {}
+    for name, view in _eval_views(cfg).items():
+        cm = evaluate(model, _loader(view, cfg, train=False, seed=0), 16, torch.device("cpu"))
+        out[name] = cm.mat.clone()
+    return out
+
+
+def _ddp_eval_worker(cfg_dict: dict, weights_path: str, out_dir: str) -> None:
+    cfg = ExperimentConfig.from_dict(cfg_dict)
+    mats = _confusions(cfg, torch.load(weights_path, weights_only=True))
+    torch.save(mats, Path(out_dir) / f"rank{dist.get_rank()}.pt")
+
+
+@pytest.fixture(scope="module")
+def ddp_confusions(step0_runs, make_cfg, tmp_path_factory):
+    cfg = make_cfg()
+    state, _ = step0_runs["a"]
+    out = tmp_path_factory.mktemp("ddp-eval")
+    torch.save(state["model"], out / "weights.pt")
+    spawn(2, _ddp_eval_worker, cfg.to_dict(), str(out / "weights.pt"), str(out))
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    return ranks, _confusions(cfg, state["model"])
+
+
+def test_ddp_evaluation_all_reduces_the_confusion_matrix_exactly(ddp_confusions):
+    ranks, single = ddp_confusions
+    assert int(single["even"].sum()) > 0
+    for r in ranks:  # all-reduced: both ranks hold the matrix of all 32 images
+        assert torch.equal(r["even"], single["even"])
+
+
+@pytest.mark.xfail(strict=True, reason="engine._loader uses DistributedSampler(drop_last=False) for val/test, which "
+                   "pads an odd-sized split with duplicated images, so the all-reduced confusion matrix (and the "
+                   "reported mIoU) of `--workers 2` counts some images twice")
+def test_ddp_evaluation_of_an_odd_split_counts_every_image_once(ddp_confusions):
+    ranks, single = ddp_confusions
+    for r in ranks:
+        assert torch.equal(r["odd"], single["odd"])
+
+
+# ----------------------------------------------------------------------------- run_scenario
+@pytest.fixture(scope="module")
+def scenario_run(make_cfg, tmp_path_factory):
+    """One run directory driven through: a NaN fault at step 1, the complete run, an identical rerun."""
+    out = tmp_path_factory.mktemp("runs") / "sdr-run"
+    cfg = make_cfg("sdr")
+    cfg_nan = make_cfg("sdr", fault_nan_step=1)
+    rec: dict = {"cfg": cfg, "out": out}
+
+    # 1. the NaN fault: step 0 finishes and is saved, step 1 fails
+    snap = {}
+
+    def echo_nan(line: str) -> None:
+        if line.startswith("step 0:"):
+            snap["bytes"] = checkpoint_path(out, cfg_nan, 0).read_bytes()
+            snap["rows"] = read_rows(out / "steps.parquet")
+
+    with pytest.raises(TrainingError) as err:
+        run_scenario(cfg_nan, out, progress=False, echo=echo_nan)
+    rec["nan_error"] = str(err.value)
+    rec["nan_snapshot"] = snap
+    rec["nan_files"] = sorted(p.name for p in (out / "checkpoints").iterdir())
+    rec["nan_ckpt_bytes"] = checkpoint_path(out, cfg, 0).read_bytes()
+    rec["nan_rows"] = read_rows(out / "steps.parquet")
+
+    # 2. the same directory with the real config: step 0 is reused, step 1 runs
+    lines: list[str] = []
+    rec["results"] = run_scenario(cfg, out, progress=False, echo=lines.append)
+    rec["lines"] = lines
+    rec["rows"] = read_rows(out / "steps.parquet")
+    rec["files"] = {p.name: p.read_bytes() for p in (out / "checkpoints").iterdir()}
+
+    # 3. an identical rerun must not train anything
+    def no_training(*args, **kwargs):
+        raise AssertionError("run_step called on a finished run")
+
+    rerun_lines: list[str] = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runner, "run_step", no_training)
+        rec["rerun_results"] = run_scenario(cfg, out, progress=False, echo=rerun_lines.append)
+    rec["rerun_lines"] = rerun_lines
+    rec["rerun_rows"] = read_rows(out / "steps.parquet")
+    rec["rerun_files"] = {p.name: p.read_bytes() for p in (out / "checkpoints").iterdir()}
+    return rec
+
+
+def test_nan_fault_keeps_the_step0_checkpoint_and_writes_no_step1_row(scenario_run):
+    r = scenario_run
+    assert "step 1, iteration 0: loss term 'unce' became nan" in r["nan_error"]
+    assert r["nan_snapshot"]["bytes"] == r["nan_ckpt_bytes"], "the step-0 checkpoint changed"
+    assert r["nan_files"] == [checkpoint_path(r["out"], r["cfg"], 0).name]  # no step-1 file, no temporary file
+    assert [row["step"] for row in r["nan_rows"]] == [0] and r["nan_rows"] == r["nan_snapshot"]["rows"]
+
+
+def test_run_scenario_writes_config_checkpoints_and_rows(scenario_run):
+    r = scenario_run
+    cfg, out = r["cfg"], r["out"]
+    written = yaml.safe_load((out / "config.yaml").read_text())
+    assert written == cfg.to_dict()
+    assert ExperimentConfig.from_dict(written).run_name() == cfg.run_name()
+    assert sorted(r["files"]) == [f"step{k}-{cfg.step_key(k)}.pt" for k in (0, 1)]
+    for k in (0, 1):
+        state = load_state(checkpoint_path(out, cfg, k))
+        assert state["step"] == k and state["config"]["method"] == "sdr"
+    assert any((out / "tensorboard").iterdir())
+    # step 0 came from the faulty run (same step-0 key), step 1 was trained now
+    assert r["lines"][0].startswith(f"step 0: reusing step0-{cfg.step_key(0)}.pt")
+    assert r["lines"][1].startswith("step 1: all ")
+    rows = r["rows"]
+    assert [row["step"] for row in rows] == [0, 1]
+    for row in rows:
+        assert (row["scenario"], row["mode"], row["method"], row["seed"]) == ("voc-15-5", "disjoint", "sdr", 42)
+        assert row["step_key"] == cfg.step_key(row["step"])
+        for key in ("miou_all", "miou_old", "miou_avg", "wall_s", "images_per_s"):
+            assert isinstance(row[key], float) and math.isfinite(row[key]), key
+        assert {f"param_{k}": v for k, v in cfg.method_params.items()}.items() <= row.items()
+    assert rows[0]["miou_new"] is None and isinstance(rows[1]["miou_new"], float)
+    assert len(rows[0]["class_iou"]) == 16 and len(rows[1]["class_iou"]) == 21
+    assert rows[0]["loss_ce"] is not None and rows[0]["loss_unce"] is None
+    for term in ("unce", "unkd", "pm", "attraction", "repulsion", "sparsity"):
+        assert math.isfinite(rows[1][f"loss_{term}"]), term
+    assert rows[1]["loss_unce"] == pytest.approx(r["results"][1]["losses"]["unce"])
+
+
+def test_run_scenario_metrics_and_average(scenario_run):
+    r = scenario_run
+    reused, fresh = r["results"]
+    assert METRIC_KEYS <= set(fresh)
+    assert reused["step"] == 0 and fresh["step"] == 1
+    assert fresh["miou_avg"] == pytest.approx((reused["miou_all"] + fresh["miou_all"]) / 2, abs=1e-9)
+    assert r["rows"][1]["miou_avg"] == pytest.approx(np.mean([row["miou_all"] for row in r["rows"]]), abs=1e-9)
+
+
+def test_rerun_reuses_checkpoints_without_duplicating_rows(scenario_run):
+    r = scenario_run
+    assert [line.split(":")[0] for line in r["rerun_lines"]] == ["step 0", "step 1"]
+    assert all(": reusing step" in line for line in r["rerun_lines"])
+    assert [row["step"] for row in r["rerun_rows"]] == [0, 1]
+    for old, new in zip(r["rows"], r["rerun_rows"]):
+        for key in ("step_key", "miou_all", "miou_old", "miou_new", "miou_avg", "class_iou", "loss_ce", "loss_unce"):
+            assert _same(new[key], old[key]), key
+    assert r["rerun_files"] == r["files"]  # checkpoints are not rewritten
+    assert [m["miou_all"] for m in r["rerun_results"]] == [row["miou_all"] for row in r["rows"]]
+
+
+def test_step_without_previous_checkpoint_names_the_missing_file(make_cfg, tmp_path):
+    cfg = make_cfg("sdr")
+    with pytest.raises(ConfigError) as err:
+        run_scenario(cfg, tmp_path / "empty", steps=[1], progress=False, echo=lambda s: None)
+    assert str(checkpoint_path(tmp_path / "empty", cfg, 0)) in str(err.value)
+    assert "--step-ckpt" in str(err.value)
+
+
+def test_unwritable_out_dir_is_a_config_error(make_cfg, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match="cannot write to output directory"):
+        run_scenario(make_cfg(), blocker / "run", progress=False, echo=lambda s: None)
+
+
+def test_resume_rebuilds_missing_rows_from_the_checkpoints(scenario_run, tmp_path):
+    r = scenario_run
+    out = tmp_path / "copy"
+    shutil.copytree(r["out"], out)
+    (out / "steps.parquet").unlink()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runner, "run_step", lambda *a, **k: pytest.fail("a finished step was trained again"))
+        results = run_scenario(r["cfg"], out, progress=False, echo=lambda s: None)
+    assert [m["step"] for m in results] == [0, 1]
+    rows = read_rows(out / "steps.parquet")
+    assert [row["step"] for row in rows] == [0, 1]
+    assert [row["miou_all"] for row in rows] == [row["miou_all"] for row in r["rows"]]
+
+
+@pytest.mark.xfail(strict=True, reason="runner.run_scenario assigns `state = load_state(ckpt)` before knowing whether "
+                   "the checkpoint can be reused; a step-k checkpoint without stored metrics (written by an older "
+                   "version, or by other tools) is re-run from the state of step k itself, and run_step raises "
+                   "'needs the state of step k-1, got the state of step k'")
+def test_resume_reruns_a_step_whose_checkpoint_has_no_metrics(scenario_run, tmp_path):
+    r = scenario_run
+    out = tmp_path / "copy"
+    shutil.copytree(r["out"], out)
+    ckpt = checkpoint_path(out, r["cfg"], 1)
+    state = load_state(ckpt)
+    state.pop("metrics", None)
+    save_state(state, ckpt)
+    write_rows(out / "steps.parquet", [row for row in read_rows(out / "steps.parquet") if row["step"] == 0])
+    results = run_scenario(r["cfg"], out, progress=False, echo=lambda s: None)
+    assert [m["step"] for m in results] == [0, 1]
+    assert [row["step"] for row in read_rows(out / "steps.parquet")] == [0, 1]
