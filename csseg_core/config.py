@@ -51,11 +51,11 @@ class ExperimentConfig:
     batch_size: int = 16
     epochs: int = 12
     """Epochs of step 0."""
-    epochs_incremental: int = 10
+    epochs_incremental: int = 20
     """Epochs of every step > 0."""
     lr: float = 0.05
     """Learning rate of step 0."""
-    lr_incremental: float = 0.01
+    lr_incremental: float = 0.001
     """Learning rate of steps > 0."""
     momentum: float = 0.9
     weight_decay: float = 1e-4
