@@ -191,7 +191,7 @@ def train(scenario: Optional[str] = typer.Argument(None, help="Scenario, e.g. vo
     if workers > 1:
         from csseg_core.distributed import launch
 
-        launch(workers, cfg, out, steps, start_state)
+        launch(workers, cfg, out, steps, start_state, progress)
     else:
         from csseg_core.runner import run_scenario
 

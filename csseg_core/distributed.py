@@ -39,13 +39,13 @@ def spawn(world: int, fn, *args) -> None:
     mp.spawn(_worker, args=(world, free_port(), fn, args), nprocs=world, join=True)
 
 
-def _run(cfg, out, steps, start_state) -> None:
+def _run(cfg, out, steps, start_state, progress) -> None:
     from .runner import run_scenario
 
-    run_scenario(cfg, out, steps=steps, start_state=start_state, progress=dist.get_rank() == 0,
+    run_scenario(cfg, out, steps=steps, start_state=start_state, progress=progress and dist.get_rank() == 0,
                  echo=print if dist.get_rank() == 0 else (lambda s: None))
 
 
-def launch(world: int, cfg, out, steps, start_state) -> None:
+def launch(world: int, cfg, out, steps, start_state, progress: bool = True) -> None:
     """``run_scenario`` on ``world`` local DDP processes."""
-    spawn(world, _run, cfg, out, steps, start_state)
+    spawn(world, _run, cfg, out, steps, start_state, progress)

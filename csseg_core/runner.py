@@ -117,6 +117,6 @@ def run_scenario(cfg: ExperimentConfig, out_dir: str | Path, *, steps: Iterable[
                 save_state(state, shared)
             append_rows(out_dir / "steps.parquet", [step_row(cfg, metrics, run=out_dir.name, reused=False)], key=("step",))
             echo(f"step {step}: {format_metrics(metrics)} | {metrics['wall_s']:.1f}s | "
-                 f"{metrics['images_per_s']:.0f} img/s | {metrics['n_train_images']} train images")
+                 f"{metrics['images_per_s']:.0f} img/s | {metrics.get('n_train_images', 0)} train images")
         results.append(metrics)
     return results

@@ -203,8 +203,8 @@ def run_final(best_yaml: str | os.PathLike, seeds: int | Sequence[int] = 3, *, o
         "std", "values"}}}`` over the last step's ``miou_all/old/new/avg`` (std: sample std,
         0 for one seed).
     """
-    from csseg_core.engine import run_step
-    from csseg_core.results import append_rows, step_row
+    from csseg_core.results import append_rows, read_rows
+    from csseg_core.runner import run_scenario
 
     seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     if not seed_list:
@@ -215,12 +215,11 @@ def run_final(best_yaml: str | os.PathLike, seeds: int | Sequence[int] = 3, *, o
         finals: dict[str, list[float]] = {k: [] for k in ("miou_all", "miou_old", "miou_new", "miou_avg")}
         for seed in seed_list:
             cfg = best_config(entry, seed=seed, data_root=data_root, overrides=overrides)
-            state, metrics = None, {}
-            for step in range(cfg.num_steps):
-                state, metrics = run_step(cfg, step, state, log_dir=str(out_dir / "tb" / f"{cfg.run_name()}-s{seed}"),
-                                          progress=progress)
-                append_rows(out_dir / "steps.parquet", [step_row(cfg, metrics, run=cfg.run_name(), status="ok")],
-                            key=("run", "step"))
+            # one resumable run folder per seed: checkpoints, TensorBoard, steps.parquet
+            run_dir = out_dir / f"{cfg.run_name()}-s{seed}"
+            metrics = run_scenario(cfg, run_dir, progress=progress)[-1]
+            rows = [{**r, "status": "ok"} for r in read_rows(run_dir / "steps.parquet")]
+            append_rows(out_dir / "steps.parquet", rows, key=("run", "step"))  # every seed in one table
             for k in finals:
                 finals[k].append(float(metrics.get(k, math.nan)))
         summaries.append({

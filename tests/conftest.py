@@ -9,9 +9,10 @@ import pytest
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def csseg_home(tmp_path_factory):
-    """A private $CSSEG_HOME for the whole session (filter caches, synthetic data)."""
+    """A private $CSSEG_HOME for the whole session (filter caches, synthetic data, shared step-0
+    states), so tests never read or write the user's ~/.cache/csseg."""
     home = tmp_path_factory.mktemp("csseg_home")
     old = os.environ.get("CSSEG_HOME")
     os.environ["CSSEG_HOME"] = str(home)

@@ -163,6 +163,8 @@ def _bad_inputs(voc_root: Path, tmp: Path):
         "bad float": (["train", "voc-15-1", "--method", "sdr", "--set", "kd=x"], "kd='x'"),
         "not key=value": (["train", "voc-15-1", "--set", "epochs"], "key=value"),
         "step out of range": (["train", "voc-15-1", "--step", "9", "--out", str(tmp / "o1")], "--step 9 is out of range"),
+        "step without its previous checkpoint": (["train", "voc-15-1", "--step", "2", "--out", str(tmp / "o3"),
+                                                  "--data-root", str(voc_root), *SMOKE_SET], "step1-"),
         "missing data root": (["train", "voc-15-1", "--data-root", str(tmp / "missing"), "--out", str(tmp / "o2"),
                                "--no-progress", *SMOKE_SET], str(tmp / "missing")),
         "unwritable out": (["train", "voc-15-1", "--data-root", str(voc_root), "--out", str(blocker / "run"),
@@ -175,6 +177,7 @@ def _bad_inputs(voc_root: Path, tmp: Path):
 
 
 CASES = ["unknown scenario", "unknown method", "unknown key", "bad int", "bad float", "not key=value", "step out of range",
+         "step without its previous checkpoint",
          "missing data root", "unwritable out", "missing config", "missing checkpoint", "missing step ckpt",
          pytest.param("foreign checkpoint", marks=pytest.mark.xfail(strict=True, reason=(
              "state.load_state puts str(err) of torch.load's UnpicklingError into the ConfigError; that text spans "

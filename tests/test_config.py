@@ -97,15 +97,13 @@ def test_parse_set_rejects_non_pairs(items):
         parse_set(items)
 
 
-@pytest.mark.parametrize("method", [
-    "ft",
-    pytest.param("sdr", marks=pytest.mark.xfail(strict=True, reason=(
-        "to_dict() writes every hyperparameter (defaults filled in) and from_dict() passes them back as overrides, "
-        "so `params` becomes the full sorted tuple instead of the explicit overrides: same hashes, unequal configs "
-        "(every method with hyperparameters)"))),
-])
+@pytest.mark.parametrize("method", list_methods())
 def test_from_dict_of_to_dict_is_the_same_config(method):
     cfg = resolve_config("voc-15-1", method, profile="smoke", seed=7, overrides={"epochs": 2, "crop_size": 48})
+    assert ExperimentConfig.from_dict(cfg.to_dict()) == cfg
+    tuned = {k: (not v if isinstance(v, bool) else v * 2 if isinstance(v, float) else v)
+             for k, v in method_defaults(method).items()}
+    cfg = resolve_config("voc-10-1", method, profile="paper", mode="overlapped", overrides=tuned)
     assert ExperimentConfig.from_dict(cfg.to_dict()) == cfg
 
 
@@ -123,7 +121,7 @@ def test_from_dict_keeps_every_value_and_hash(method):
 def test_explicit_default_hyperparameter_gives_the_same_run():
     a = resolve_config("voc-15-1", "sdr")
     b = resolve_config("voc-15-1", "sdr", overrides={"kd": method_defaults("sdr")["kd"]})
-    assert a.step_key(5) == b.step_key(5) and a.run_name() == b.run_name()
+    assert a == b and a.step_key(5) == b.step_key(5) and a.run_name() == b.run_name()
 
 
 def test_step_keys_and_run_name():

@@ -24,7 +24,6 @@ from csseg_core.data import build_datasets
 from csseg_core.distributed import spawn
 from csseg_core.engine import _loader, evaluate, run_step
 from csseg_core.errors import ConfigError, TrainingError
-from csseg_core.metrics import ConfusionMatrix
 from csseg_core.models import build_model
 from csseg_core.results import read_rows, write_rows
 from csseg_core.runner import checkpoint_path, run_scenario

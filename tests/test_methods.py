@@ -18,8 +18,8 @@ from csseg_core.config import resolve_config
 from csseg_core.data import build_datasets
 from csseg_core.engine import run_step
 from csseg_core.errors import ConfigError, TrainingError
-from csseg_core.metrics import ConfusionMatrix
 from csseg_core.methods import STATISTICS, get_method, list_methods, method_defaults
+from csseg_core.metrics import ConfusionMatrix
 from csseg_core.scenarios import get_scenario
 from csseg_core.state import load_state, save_state
 
@@ -159,7 +159,7 @@ def test_registry_holds_the_ten_methods_and_every_one_is_covered():
 # ----------------------------------------------------------------------------- step 1 contract
 @pytest.mark.parametrize("method", list_methods())
 def test_step1_runs_with_finite_method_terms(method, step1, step0):
-    cfg, state, metrics = step1(method)
+    _, state, metrics = step1(method)
     losses = metrics["losses"]
     assert set(losses) == TERMS[method]
     assert all(math.isfinite(v) for v in losses.values()), losses
@@ -170,7 +170,7 @@ def test_step1_runs_with_finite_method_terms(method, step1, step0):
     assert state["step"] == 1 and state["config"]["method"] == method
     assert state["history"][0] == step0[0]["history"][0] and len(state["history"]) == 2
     assert state["model"]["cls.1.weight"].shape[0] == 5
-    expected_stats = set().union(*(STAT_KEYS[s] for s in get_method(method).collects)) if get_method(method).collects else set()
+    expected_stats = set().union(*(STAT_KEYS[s] for s in get_method(method).collects))
     assert set(state["statistics"]) == expected_stats
     if "prototypes" in expected_stats:
         assert state["statistics"]["prototypes"].shape == (21, 128)

@@ -176,8 +176,8 @@ def _brute_force_means(batches, skip_background: bool):
 def test_prototypes_are_running_means_per_pixel():
     batches = _batches()
     p0 = Prototypes(C, D, step=0, mode="disjoint", prev=None, device="cpu")
-    for f, l in batches:
-        p0.observe(f, l)
+    for f, lab in batches:
+        p0.observe(f, lab)
     sums, counts = _brute_force_means(batches, skip_background=False)
     out = p0.finalize(None)
     torch.testing.assert_close(out["prototype_counts"], counts)
@@ -186,8 +186,8 @@ def test_prototypes_are_running_means_per_pixel():
     # seen rows combine the previous running mean (with its count) and the new pixels
     prev = _prev_prototypes()
     p1 = Prototypes(C, D, step=1, mode="disjoint", prev=prev, device="cpu")
-    for f, l in batches[:2]:
-        p1.observe(f, l)
+    for f, lab in batches[:2]:
+        p1.observe(f, lab)
     sums, counts = _brute_force_means(batches[:2], skip_background=True)
     out = p1.finalize(None)
     prev_p = torch.zeros(C, D, dtype=torch.float64)
@@ -203,9 +203,9 @@ def test_prototypes_are_running_means_per_pixel():
 def _proto_worker(out_dir: str) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     p = Prototypes(C, D, step=1, mode="disjoint", prev=_prev_prototypes(), device="cpu")
-    for i, (f, l) in enumerate(_batches()):
+    for i, (f, lab) in enumerate(_batches()):
         if i % world == rank:
-            p.observe(f, l)
+            p.observe(f, lab)
     torch.save({"final": p.finalize(None), "current": p.current.clone()}, Path(out_dir) / f"rank{rank}.pt")
 
 
@@ -216,8 +216,8 @@ def ddp_prototypes(tmp_path_factory):
     spawn(2, _proto_worker, str(out))
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
     single = Prototypes(C, D, step=1, mode="disjoint", prev=_prev_prototypes(), device="cpu")
-    for f, l in _batches():
-        single.observe(f, l)
+    for f, lab in _batches():
+        single.observe(f, lab)
     return ranks, single
 
 

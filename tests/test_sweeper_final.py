@@ -1,4 +1,7 @@
-"""``run_final``: an exported configuration over several seeds (engine stubbed: the engine has its own tests)."""
+"""``run_final``: an exported configuration over several seeds (engine stubbed: the engine has its own tests).
+
+Each seed is one resumable run folder (``run_scenario``); all rows also land in ``<out>/steps.parquet``.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-import csseg_core.engine
+import csseg_core.runner
 from sweeper import run_final
 
 
@@ -15,11 +18,11 @@ def _fake_run_step(cfg, step, prev_state=None, *, log_dir=None, progress=False):
     value = 0.5 + 0.1 * cfg.seed - 0.05 * step
     metrics = {"step": step, "miou_all": value, "miou_old": value + 0.1, "miou_new": value - 0.1 if step else float("nan"),
                "miou_avg": value, "class_iou": [value] * 3, "losses": {"ce": 1.0}, "wall_s": 0.1, "images_per_s": 1.0}
-    return {"step": step, "model": {}, "history": []}, metrics
+    return {"step": step, "model": {}, "history": [], "metrics": metrics}, metrics
 
 
 def test_run_final_reports_mean_and_std_over_seeds(tmp_path, monkeypatch):
-    monkeypatch.setattr(csseg_core.engine, "run_step", _fake_run_step)
+    monkeypatch.setattr(csseg_core.runner, "run_step", _fake_run_step)
     best = tmp_path / "best.yaml"
     entry = {"scenario": "voc-19-1", "mode": "disjoint", "method": "lwf", "profile": "smoke", "seed": 0,
              "params": {"kd": 10.0, "epochs": 1}, "metrics": {"miou_all": 0.1},
