@@ -58,11 +58,27 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
+class ShardSampler(torch.utils.data.Sampler):
+    """Evaluation shard of one rank: ``indices[rank::world]``, no padding, so the all-reduced
+    confusion matrix counts every image exactly once (DistributedSampler pads with duplicates)."""
+
+    def __init__(self, n: int, rank: int, world: int) -> None:
+        self.indices = list(range(rank, n, world))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
 def _loader(dataset, cfg: ExperimentConfig, *, train: bool, seed: int) -> DataLoader:
     rank, world = dist_info()
     generator = torch.Generator().manual_seed(seed)
-    if world > 1:
-        sampler = DistributedSampler(dataset, world, rank, shuffle=train, seed=seed, drop_last=train)
+    if world > 1 and not train:
+        sampler = ShardSampler(len(dataset), rank, world)
+    elif world > 1:
+        sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=seed, drop_last=True)
     elif train:
         sampler = RandomSampler(dataset, generator=generator)
     else:
@@ -153,7 +169,7 @@ def run_step(cfg: ExperimentConfig, step: int, prev_state: dict | None = None, *
         raise ConfigError(f"method {cfg.method!r} cannot start step {step}: {err.args[0]}") from None
     ctx.collectors = build_collectors(collect, model=model, step=step, mode=cfg.mode, num_classes=sum(classes),
                                       dim=model.body_channels, prev=prev_stats, device=device,
-                                      alpha=dict(cfg.params).get("reg_alpha", 0.9))
+                                      alpha=0.9 if step == 0 else cfg.method_params.get("reg_alpha", 0.9))
 
     epochs = cfg.epochs if step == 0 else cfg.epochs_incremental
     base_lr = cfg.lr if step == 0 else cfg.lr_incremental

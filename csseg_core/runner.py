@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 import shutil
+
+import torch.distributed as dist
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -22,6 +24,7 @@ import yaml
 from .config import ExperimentConfig
 from .data import csseg_home
 from .engine import dist_info, run_step
+from .errors import DataError
 from .errors import CssegError, ConfigError
 from .results import append_rows, step_row
 from .state import load_state, save_state
@@ -38,6 +41,10 @@ def shared_step0_path(cfg: ExperimentConfig) -> Path:
     another method (or a rerun) starts from it instead of training it again.
     """
     return csseg_home() / "states" / f"step0-{cfg.step_key(0)}.pt"
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def write_config(cfg: ExperimentConfig, path: str | Path) -> None:
@@ -75,6 +82,9 @@ def run_scenario(cfg: ExperimentConfig, out_dir: str | Path, *, steps: Iterable[
     out_dir = Path(out_dir)
     rank, _ = dist_info()
     steps = list(range(cfg.num_steps) if steps is None else steps)
+    if cfg.data_root and not Path(cfg.data_root).exists():
+        raise DataError(f"data root {cfg.data_root} does not exist; pass the folder holding VOCdevkit or "
+                        f"ADEChallengeData2016, or omit --data-root for the synthetic dataset")
     if rank == 0:
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -96,10 +106,13 @@ def run_scenario(cfg: ExperimentConfig, out_dir: str | Path, *, steps: Iterable[
             ckpt.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(shared, ckpt)  # the same step 0 trained by another run (any method)
             echo(f"step 0: reusing the shared step-0 state {shared}")
+        if _distributed():
+            dist.barrier()  # every rank sees the copied shared state before deciding to reuse it
         if resume and ckpt.exists():
-            state = load_state(ckpt)
-            metrics = state.get("metrics")
+            saved = load_state(ckpt)
+            metrics = saved.get("metrics")
             if metrics is not None:
+                state = saved
                 if rank == 0:
                     append_rows(out_dir / "steps.parquet", [step_row(cfg, metrics, run=out_dir.name, reused=True)], key=("step",))
                 echo(f"step {step}: reusing {ckpt.name} | {format_metrics(metrics)}")

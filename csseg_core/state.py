@@ -28,6 +28,11 @@ def _map(obj: Any, fn_leaf) -> Any:
     return fn_leaf(obj)
 
 
+def first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else ""
+
+
 def state_to_numpy(state: dict) -> dict:
     """Return a copy of ``state`` whose tensors are numpy arrays (for the object store)."""
     return _map(state, lambda v: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v)
@@ -61,7 +66,7 @@ def load_state(path: str | os.PathLike) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise ConfigError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); it is not a csseg state") from None
+        raise ConfigError(f"checkpoint {path} cannot be read ({type(err).__name__}: {first_line(err)}); it is not a csseg state") from None
     if not isinstance(state, dict) or "model" not in state or "step" not in state:
         raise ConfigError(f"checkpoint {path} is not a csseg step state (no 'model'/'step' keys)")
     return state

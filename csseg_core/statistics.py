@@ -49,6 +49,7 @@ class Prototypes:
     @torch.no_grad()
     def observe(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         sums, counts = L.class_feature_sums(features.detach(), labels, self.current.shape[0])
+        sums, counts = _all_reduce(sums.double()), _all_reduce(counts.double())  # the same running means on every rank
         if self.skip_background:
             counts = counts.clone()
             counts[0] = 0
@@ -65,7 +66,7 @@ class Prototypes:
         pass
 
     def finalize(self, model) -> dict:
-        sums, counts = _all_reduce(self.sums.clone()), _all_reduce(self.counts.clone())
+        sums, counts = self.sums, self.counts  # already summed over ranks in observe
         total = self.prev_counts + counts
         protos = (self.previous.double() * self.prev_counts[:, None] + sums) / total.clamp(min=1)[:, None]
         keep = total == 0

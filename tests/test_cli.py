@@ -179,9 +179,7 @@ def _bad_inputs(voc_root: Path, tmp: Path):
 CASES = ["unknown scenario", "unknown method", "unknown key", "bad int", "bad float", "not key=value", "step out of range",
          "step without its previous checkpoint",
          "missing data root", "unwritable out", "missing config", "missing checkpoint", "missing step ckpt",
-         pytest.param("foreign checkpoint", marks=pytest.mark.xfail(strict=True, reason=(
-             "state.load_state puts str(err) of torch.load's UnpicklingError into the ConfigError; that text spans "
-             "several lines, so `csseg test` of a non-checkpoint file prints a multi-line error")))]
+         "foreign checkpoint"]
 
 
 @pytest.mark.parametrize("case", CASES)

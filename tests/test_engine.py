@@ -209,9 +209,6 @@ def test_ddp_evaluation_all_reduces_the_confusion_matrix_exactly(ddp_confusions)
         assert torch.equal(r["even"], single["even"])
 
 
-@pytest.mark.xfail(strict=True, reason="engine._loader uses DistributedSampler(drop_last=False) for val/test, which "
-                   "pads an odd-sized split with duplicated images, so the all-reduced confusion matrix (and the "
-                   "reported mIoU) of `--workers 2` counts some images twice")
 def test_ddp_evaluation_of_an_odd_split_counts_every_image_once(ddp_confusions):
     ranks, single = ddp_confusions
     for r in ranks:
@@ -352,10 +349,6 @@ def test_resume_rebuilds_missing_rows_from_the_checkpoints(scenario_run, tmp_pat
     assert [row["miou_all"] for row in rows] == [row["miou_all"] for row in r["rows"]]
 
 
-@pytest.mark.xfail(strict=True, reason="runner.run_scenario assigns `state = load_state(ckpt)` before knowing whether "
-                   "the checkpoint can be reused; a step-k checkpoint without stored metrics (written by an older "
-                   "version, or by other tools) is re-run from the state of step k itself, and run_step raises "
-                   "'needs the state of step k-1, got the state of step k'")
 def test_resume_reruns_a_step_whose_checkpoint_has_no_metrics(scenario_run, tmp_path):
     r = scenario_run
     out = tmp_path / "copy"

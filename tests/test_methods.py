@@ -253,7 +253,7 @@ def test_step0_is_ft_for_every_method(make_cfg, step0, monkeypatch):
     ref_state, ref_metrics = run_step(make_cfg("ft"), 0)
     assert _weights_equal(ref_state["model"], step0[0]["model"]), "the cached shared step 0 differs from a fresh one"
     for method in list_methods()[1:]:
-        # hyperparameters do not matter at step 0 either (reg_alpha: see the xfail test below)
+        # hyperparameters do not matter at step 0 either (reg_alpha: see the test below)
         params = {k: v for k, v in method_defaults(method).items() if isinstance(v, float) and v > 0 and k != "reg_alpha"}
         cfg = make_cfg(method, **{k: 2 * v for k, v in params.items()})
         assert cfg.step_key(0) == make_cfg("ft").step_key(0)
@@ -264,10 +264,6 @@ def test_step0_is_ft_for_every_method(make_cfg, step0, monkeypatch):
         assert state["config"]["method"] == method and state["statistics"].keys() == ref_state["statistics"].keys()
 
 
-@pytest.mark.xfail(strict=True, reason="engine.run_step builds the step-0 collectors with "
-                   "alpha=cfg.params['reg_alpha'] (engine.py, build_collectors(..., alpha=...)), so EWC/RW's "
-                   "reg_alpha changes the step-0 Fisher although cfg.step_key(0) ignores method hyperparameters: "
-                   "two different step-0 states share one key")
 def test_step0_state_does_not_depend_on_method_hyperparameters(make_cfg, step0):
     cfg = make_cfg("ewc", reg_alpha=0.5)
     assert cfg.step_key(0) == make_cfg("ft").step_key(0)

@@ -229,10 +229,6 @@ def test_prototypes_all_reduced_across_two_processes_equal_one_process(ddp_proto
         torch.testing.assert_close(r["final"]["prototypes"], expected["prototypes"], rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="Prototypes.observe updates the running `current` prototypes (used by SDR's "
-                   "attraction term during the step) from this rank's pixels only; docs/DEPARTURES.md §4 says they "
-                   "are all-reduced before the running means are updated, so every rank holds the prototypes of all "
-                   "images seen")
 def test_running_prototypes_during_the_step_are_synchronised(ddp_prototypes):
     ranks, single = ddp_prototypes
     for r in ranks:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 
 from .. import losses as L
+from ..errors import ConfigError
 from .base import Method, register_method
 from .mib import UnbiasedMixin
 
@@ -37,6 +38,12 @@ class SDRParams:
     sparsity_kind: str = "ratio"
     init_balanced: bool = False
     """The SDR preset does not use MiB's balanced init; set True to add it."""
+
+    def __post_init__(self) -> None:
+        for key, allowed in (("sparsity_norm", L.NORMALIZATIONS), ("sparsity_shrink", L.SHRINKINGS),
+                             ("sparsity_kind", L.SPARSITY_KINDS)):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"{key}={getattr(self, key)!r} is not one of: {', '.join(allowed)}")
 
 
 @register_method
