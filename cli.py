@@ -293,16 +293,20 @@ def _print_leaderboard(sweep_dir: Path, metric: Optional[str], top: Optional[int
     if not rows:
         typer.echo(f"{sweep_dir}: no trial has finished every step yet")
         return
-    fixed = ["cell", "rank", "trial_id", "miou_all", "miou_old", "miou_new", "miou_avg"]
-    params = [k for k in rows[0] if k not in fixed + ["scenario", "mode", "method", "seed", "pareto", "wall_s"]]
-    table = Table(title=f"{Path(sweep_dir).name}: leaderboard (mIoU %, last step)")
-    for col in fixed + params + ["wall_s"]:
-        table.add_column(col)
-    for r in rows:
-        cells = [str(r["cell"]), str(r["rank"]), str(r["trial_id"])] + [pct(r.get(k)) for k in fixed[3:]]
-        cells += [f"{r[k]:.3g}" if isinstance(r.get(k), float) else str(r.get(k)) for k in params]
-        table.add_row(*cells, f"{r.get('wall_s') or 0:.0f}")
-    console.print(table)
+    fixed = {"cell", "rank", "trial_id", "scenario", "mode", "method", "seed", "pareto", "wall_s",
+             "miou_all", "miou_old", "miou_new", "miou_avg"}
+    for cell in dict.fromkeys(r["cell"] for r in rows):
+        table = Table(title=f"{Path(sweep_dir).name} · {cell} (mIoU %, last step)",
+                      caption="* on the Pareto front of the sweep's objectives (old vs new by default)")
+        for col in ("rank", "trial", "all", "old", "new", "avg", "hyperparameters", "wall s"):
+            table.add_column(col, overflow="fold")
+        for r in (r for r in rows if r["cell"] == cell):
+            params = ", ".join(f"{k}={r[k]:.3g}" if isinstance(r[k], float) else f"{k}={r[k]}"
+                               for k in r if k not in fixed)
+            mark = "*" if r.get("pareto") else ""
+            table.add_row(f"{r['rank']}{mark}", str(r["trial_id"]), *(pct(r.get(k)) for k in
+                          ("miou_all", "miou_old", "miou_new", "miou_avg")), params, f"{r.get('wall_s') or 0:.0f}")
+        console.print(table)
 
 
 @app.command()

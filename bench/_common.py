@@ -156,6 +156,107 @@ class Phases:
         return dict(self.times)
 
 
+class TreeCpu:
+    """CPU time used by this process and all its descendants (Ray's raylet, workers, ...).
+
+    A background thread samples ``psutil`` every ``interval`` seconds and keeps the last CPU
+    time of every pid it saw, so processes that exit between samples lose at most one
+    interval. ``stop()`` returns ``tree_cpu_util`` = CPU seconds / (wall × cpu count), the share
+    of the machine this benchmark used, unlike ``/proc/stat`` which counts every user.
+    Without psutil it returns NaN.
+    """
+
+    def __init__(self, interval: float = 0.5) -> None:
+        self.interval = interval
+        self._seen: dict[tuple[int, float], float] = {}
+        self._stop = None
+        self._thread = None
+
+    def _sample(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                key = (proc.pid, proc.create_time())
+                t = proc.cpu_times()
+                self._seen[key] = t.user + t.system
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                pass
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def start(self) -> "TreeCpu":
+        import threading
+
+        try:
+            import psutil  # noqa: F401
+        except ImportError:
+            return self
+        self._sample()
+        self._base = dict(self._seen)
+        self._t0 = time.perf_counter()
+        self._proc = CpuMeter().start()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> dict[str, float]:
+        if self._thread is None:
+            return {"tree_cpu_s": float("nan"), "tree_cpu_util": float("nan"), "machine_cpu_util": float("nan")}
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        wall = time.perf_counter() - self._t0
+        used = sum(v - self._base.get(k, 0.0) for k, v in self._seen.items())
+        machine_util = self._proc.stop()["cpu_util"]
+        return {"tree_cpu_s": used, "tree_cpu_util": used / (wall * (os.cpu_count() or 1)),
+                "machine_cpu_util": machine_util, "cpu_wall_s": wall}
+
+
+def timed_run_step(cfg, step: int, prev_state, **kwargs):
+    """``csseg_core.engine.run_step`` with a phase breakdown (no change to the engine).
+
+    The engine's module-level ``build_datasets``, ``build_model`` and ``evaluate`` are wrapped
+    for the duration of the call. Returns ``(state, metrics, phases)`` with phases in seconds:
+    ``datasets``, ``model build``, ``train loop`` (from the engine's own images/s), ``evaluate``
+    and ``other`` (the rest of ``run_step``'s wall time).
+    """
+    import csseg_core.engine as E
+
+    phases: dict[str, float] = {}
+    originals = {n: getattr(E, n) for n in ("build_datasets", "build_model", "evaluate")}
+    names = {"build_datasets": "datasets", "build_model": "model build", "evaluate": "evaluate"}
+
+    def wrap(name, fn):
+        def inner(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                phases[names[name]] = phases.get(names[name], 0.0) + time.perf_counter() - t0
+        return inner
+
+    for n, fn in originals.items():
+        setattr(E, n, wrap(n, fn))
+    t0 = time.perf_counter()
+    try:
+        state, metrics = E.run_step(cfg, step, prev_state, **kwargs)
+    finally:
+        for n, fn in originals.items():
+            setattr(E, n, fn)
+    wall = time.perf_counter() - t0
+    ips = float(metrics.get("images_per_s") or 0.0)
+    n_img = int(metrics.get("iterations", 0)) * int(cfg.batch_size)
+    phases["train loop"] = n_img / ips if ips > 0 else 0.0
+    phases["other"] = max(0.0, wall - sum(phases.values()))
+    phases["run_step"] = wall
+    return state, metrics, phases
+
+
 # --------------------------------------------------------------------------- set-up
 def bench_home() -> Path:
     """A private ``$CSSEG_HOME`` (``$CSSEG_BENCH_HOME`` or ``~/.cache/csseg-bench``), exported."""
@@ -175,6 +276,87 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--no-wait", action="store_true", help="start at once, whatever the load")
     p.add_argument("--max-load", type=float, default=2.5, help="wait until the 1-min load is below this")
     return p
+
+
+def warm_data(cfg, steps: Iterable[int]) -> None:
+    """Generate the default synthetic data and fill the filter caches (outside every measurement)."""
+    from csseg_core.data import build_datasets, default_data_root
+    from csseg_core.scenarios import get_scenario
+
+    sc = get_scenario(cfg.scenario)
+    root = cfg.data_root or str(default_data_root(sc.dataset))
+    for step in steps:
+        build_datasets(sc.dataset, root, sc, cfg.mode, step, crop_size=cfg.crop_size, crop_val=cfg.crop_val,
+                       cache_images=False)
+
+
+def fixed_step0(cfg) -> tuple[dict, Path]:
+    """The step-0 state of ``cfg``, trained once per step-0 key and kept in the bench home."""
+    from csseg_core.state import load_state, save_state
+
+    path = Path(os.environ["CSSEG_HOME"]) / "states" / f"bench-step0-{cfg.step_key(0)}.pt"
+    if path.exists():
+        state = load_state(path)
+        if "metrics" in state:
+            return state, path
+    print(f"[bench] training the fixed step-0 state once -> {path}", flush=True)
+    from csseg_core.engine import run_step
+
+    state, _ = run_step(cfg, 0)
+    save_state(state, path)
+    return state, path
+
+
+def seed_step0(sweep_dir: Path, cfg, state_file: Path) -> None:
+    """Put a step-0 state where a sweep's cache actor loads it (``<sweep>/step0/<key>.pt|.json``).
+
+    Then no trial of that sweep trains step 0 (the cache answers "ready" from the file).
+    """
+    from csseg_core.state import load_state
+    from sweeper.trial import portable_metrics
+
+    d = Path(sweep_dir) / "step0"
+    d.mkdir(parents=True, exist_ok=True)
+    key = cfg.step_key(0)
+    target = d / f"{key}.pt"
+    if not target.exists():
+        target.symlink_to(Path(state_file).resolve())
+    metrics = portable_metrics(load_state(state_file)["metrics"])
+    (d / f"{key}.json").write_text(json.dumps({"key": key, "metrics": metrics, "trained_by": "bench"}))
+
+
+def start_ray(dashboard: bool = True, scenario: str = "voc-15-5") -> float:
+    """Start Ray exactly as ``csseg sweep`` does (``sweeper.runner.init_ray``), with ``bench/`` on
+    the workers' PYTHONPATH; returns the seconds ``ray.init`` took."""
+    bench = str(Path(__file__).resolve().parent)
+    os.environ["PYTHONPATH"] = os.pathsep.join(x for x in [str(ROOT), bench, os.environ.get("PYTHONPATH", "")] if x)
+    from sweeper import SweepSpec
+    from sweeper.runner import init_ray
+
+    t0 = time.perf_counter()
+    init_ray(SweepSpec(scenarios=(scenario,), dashboard=dashboard))
+    return time.perf_counter() - t0
+
+
+def sweep_figures(sweep_dir: Path) -> dict[str, Any]:
+    """Counts and times read back from a finished sweep's tables and ``sweep.json``."""
+    from sweeper.tables import STEPS, TRIALS, read_json, read_table
+
+    steps = read_table(sweep_dir, STEPS)
+    trials = read_table(sweep_dir, TRIALS)
+    info = read_json(Path(sweep_dir) / "sweep.json") or {}
+    trained = [r for r in steps if r.get("status") == "ok" and not r.get("cached")]
+    return {
+        "trials": len(trials), "trials_ok": sum(t["status"] == "ok" for t in trials),
+        "step_rows": len(steps), "trained_steps": len(trained),
+        "incremental_steps": sum(1 for r in trained if r["step"] > 0),
+        "step0_trained": sum(1 for r in trained if r["step"] == 0),
+        "step0_wall_s": [r["wall_s"] for r in trained if r["step"] == 0],
+        "inc_wall_s": [r["wall_s"] for r in trained if r["step"] > 0],
+        "trial_wall_s": [t["wall_s"] for t in trials],
+        "sweep_wall_s": info.get("wall_s"),
+        "images_per_s": [r["images_per_s"] for r in trained],
+    }
 
 
 # --------------------------------------------------------------------------- output
