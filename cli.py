@@ -22,11 +22,36 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from typer._click.exceptions import ClickException, NoArgsIsHelpError
+from typer.core import TyperGroup
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+class OneLineErrors(TyperGroup):
+    """Usage errors (unknown option, bad value, missing argument) as one ``error:`` line, exit 2."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False, **extra)
+        except NoArgsIsHelpError as err:
+            from typer import rich_utils
+
+            rich_utils.rich_format_error(err)
+            sys.exit(err.exit_code)
+        except ClickException as err:
+            where = f" (see `{err.ctx.command_path} --help`)" if getattr(err, "ctx", None) else ""
+            typer.echo(f"error: {err.format_message()}{where}", err=True)
+            sys.exit(err.exit_code)
+        except typer.Abort:
+            typer.echo("error: aborted", err=True)
+            sys.exit(1)
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+app = typer.Typer(cls=OneLineErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Continual semantic segmentation (SDR and baselines) with Ray sweeps.")
 data_app = typer.Typer(no_args_is_help=True, help="Datasets: generate the synthetic one.")
 app.add_typer(data_app, name="data")
@@ -60,8 +85,11 @@ def pct(x) -> str:
 @user_errors
 def scenarios(dataset: Optional[str] = typer.Option(None, help="Only this dataset (voc or ade).")):
     """Print every scenario: name, steps, classes per step, aliases."""
+    from csseg_core.errors import ConfigError
     from csseg_core.scenarios import list_scenarios
 
+    if dataset is not None and dataset not in ("voc", "ade"):
+        raise ConfigError(f"unknown dataset {dataset!r}; choose voc or ade")
     table = Table(title="csseg scenarios")
     for col in ("name", "dataset", "steps", "classes per step", "aliases"):
         table.add_column(col)
@@ -272,7 +300,12 @@ def sweep(scenarios: str = typer.Argument(..., help="Scenario(s), comma separate
     from csseg_core.config import parse_set
     from sweeper import SweepSpec, run_sweep
 
-    grid_seeds = tuple(int(s) for s in _csv(seeds)) or (None,)
+    try:
+        grid_seeds = tuple(int(s) for s in _csv(seeds)) or (None,)
+    except ValueError:
+        from csseg_core.errors import ConfigError
+
+        raise ConfigError(f"--seeds {seeds!r} is not a comma-separated list of integers; e.g. --seeds 0,1,2") from None
     spec = SweepSpec(scenarios=_csv(scenarios), method=method, modes=_csv(mode), trials=trials, metric=metric,
                      objectives=_csv(objectives), scheduler=scheduler, concurrency=concurrency,
                      workers_per_trial=workers_per_trial, gpus_per_worker=gpus_per_worker,

@@ -118,6 +118,19 @@ def _proc_stat() -> tuple[float, float]:
     return total - idle, total
 
 
+def import_psutil():
+    """psutil, or the copy Ray vendors in ``ray/thirdparty_files`` (importable once ray is); None."""
+    try:
+        import psutil
+    except ImportError:
+        try:
+            import psutil
+            import ray  # noqa: F401  (puts ray/thirdparty_files on sys.path)
+        except ImportError:
+            return None
+    return psutil
+
+
 class CpuMeter:
     """Whole-machine CPU utilisation between ``start()`` and ``stop()`` (0..1 of all cores).
 
@@ -173,8 +186,7 @@ class TreeCpu:
         self._thread = None
 
     def _sample(self) -> None:
-        import psutil
-
+        psutil = import_psutil()
         me = psutil.Process()
         for proc in [me, *me.children(recursive=True)]:
             try:
@@ -191,9 +203,7 @@ class TreeCpu:
     def start(self) -> "TreeCpu":
         import threading
 
-        try:
-            import psutil  # noqa: F401
-        except ImportError:
+        if import_psutil() is None:
             return self
         self._sample()
         self._base = dict(self._seen)

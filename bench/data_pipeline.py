@@ -114,8 +114,13 @@ def main(argv=None) -> dict:
     p.add_argument("--scenario", default="voc-15-1")
     p.add_argument("--loader-batches", type=int, default=60)
     p.add_argument("--model-batches", type=int, default=None, help="default 30 (smoke) / 6 (small, paper)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, as `csseg train`)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     a = p.parse_args(argv)
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
     profiles = [x for x in a.profiles.split(",") if x] if a.profiles else [a.profile]
     C.bench_home()
     load0 = C.wait_for_load(a.max_load, enabled=not (a.no_wait or a.quick))

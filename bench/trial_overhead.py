@@ -41,7 +41,6 @@ from pathlib import Path
 import _common as C
 
 
-
 # ---------------------------------------------------------------------------- worker side
 def _worker(loop: dict) -> None:
     """Ray Train worker: the body of ``sweeper.trial.train_worker`` for one step, instrumented.
@@ -251,7 +250,7 @@ def main(argv=None) -> dict:
     from csseg_core.config import parse_set, resolve_config
 
     C.bench_home()
-    overrides = {"epochs": 1, "epochs_incremental": 4, "num_samples": 0}
+    overrides = {"epochs": 1, "epochs_incremental": 8, "num_samples": 0}
     if a.profile != "smoke":
         overrides = {"epochs": 1, "epochs_incremental": 1, "num_samples": 0, "pretrained": "none"}
     if a.quick:

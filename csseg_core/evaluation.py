@@ -8,12 +8,15 @@ from .config import ExperimentConfig
 from .data import build_datasets, default_data_root
 from .engine import _device, _loader, evaluate
 from .metrics import step_metrics
-from .models import build_model
+from .errors import ConfigError
+from .models import build_model, load_previous
 from .scenarios import get_scenario
 
 
 def evaluate_state(state: dict, *, data_root: str | None = None, crop_val: bool = True, split: str = "test") -> dict:
     """Metrics of ``state``'s model on ``split`` of its own step (classes seen so far)."""
+    if "config" not in state:
+        raise ConfigError("the checkpoint has no 'config': it was not written by `csseg train`")
     cfg = ExperimentConfig.from_dict(state["config"])
     overrides = {"crop_val": crop_val}
     if data_root:
@@ -28,7 +31,7 @@ def evaluate_state(state: dict, *, data_root: str | None = None, crop_val: bool 
                               cache_images=False)
     model = build_model(cfg.backbone, classes, output_stride=cfg.output_stride, pretrained=None,
                         head_channels=cfg.head_channels)
-    model.load_state_dict(state["model"], strict=True)
+    load_previous(model, state["model"])  # same-step state; ConfigError when the weights do not fit
     device = _device()
     model.to(device)
     with torch.no_grad():

@@ -160,7 +160,10 @@ def load_best(path: str | os.PathLike, *, scenario: str | None = None, mode: str
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"best-config file {path} does not exist; write it with `csseg export-best`")
-    doc = yaml.safe_load(path.read_text())
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML ({str(err).splitlines()[0]}); write it with `csseg export-best`") from None
     entries = doc.get("cells") if isinstance(doc, dict) and "cells" in doc else [doc]
     for e in entries:
         if not isinstance(e, dict) or not {"scenario", "method"} <= set(e):

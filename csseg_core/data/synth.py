@@ -247,10 +247,13 @@ def generate(
         return name
 
     jobs = [("train", i) for i in range(n_train)] + [("val", i) for i in range(n_val)]
-    for split in ("train", "val"):
-        img_path, lbl_path, _ = _layout(root, dataset, split, 0)
-        img_path.parent.mkdir(parents=True, exist_ok=True)
-        lbl_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        for split in ("train", "val"):
+            img_path, lbl_path, _ = _layout(root, dataset, split, 0)
+            img_path.parent.mkdir(parents=True, exist_ok=True)
+            lbl_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cannot write the synthetic dataset to {root} ({err.strerror}); pass a writable --root") from None
     workers = workers or max(1, min(8, os.cpu_count() or 1))
     with ThreadPoolExecutor(workers) as pool:
         names = list(pool.map(write, jobs, chunksize=16))
