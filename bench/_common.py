@@ -120,15 +120,16 @@ def _proc_stat() -> tuple[float, float]:
 
 def import_psutil():
     """psutil, or the copy Ray vendors in ``ray/thirdparty_files`` (importable once ray is); None."""
-    try:
-        import psutil
-    except ImportError:
+    import importlib
+
+    for first in (None, "ray"):  # importing ray puts ray/thirdparty_files on sys.path
         try:
-            import psutil
-            import ray  # noqa: F401  (puts ray/thirdparty_files on sys.path)
+            if first:
+                importlib.import_module(first)
+            return importlib.import_module("psutil")
         except ImportError:
-            return None
-    return psutil
+            continue
+    return None
 
 
 class CpuMeter:
@@ -169,6 +170,26 @@ class Phases:
         return dict(self.times)
 
 
+def _proc_name(proc) -> str:
+    """``ray::RayTrainWorker`` / ``raylet`` / ``python bench/x.py`` -> a short, groupable name."""
+    try:
+        cmd = proc.cmdline()
+    except Exception:  # noqa: BLE001
+        cmd = []
+    if cmd and cmd[0].startswith("ray::"):
+        return cmd[0].split(".")[0].split(":")[-1] or cmd[0]  # ray::TrainController.run -> TrainController
+    if cmd:
+        exe = os.path.basename(cmd[0])
+        for part in cmd[1:3]:
+            if part.endswith(".py"):
+                return f"{exe} {os.path.basename(part)}"
+        return exe
+    try:
+        return proc.name()
+    except Exception:  # noqa: BLE001
+        return "?"
+
+
 class TreeCpu:
     """CPU time used by this process and all its descendants (Ray's raylet, workers, ...).
 
@@ -182,6 +203,7 @@ class TreeCpu:
     def __init__(self, interval: float = 0.5) -> None:
         self.interval = interval
         self._seen: dict[tuple[int, float], float] = {}
+        self._names: dict[tuple[int, float], str] = {}
         self._stop = None
         self._thread = None
 
@@ -193,6 +215,8 @@ class TreeCpu:
                 key = (proc.pid, proc.create_time())
                 t = proc.cpu_times()
                 self._seen[key] = t.user + t.system
+                if key not in self._names:
+                    self._names[key] = _proc_name(proc)
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 pass
 
@@ -223,8 +247,13 @@ class TreeCpu:
         wall = time.perf_counter() - self._t0
         used = sum(v - self._base.get(k, 0.0) for k, v in self._seen.items())
         machine_util = self._proc.stop()["cpu_util"]
+        by_name: dict[str, float] = {}
+        for k, v in self._seen.items():
+            name = self._names.get(k, "?")
+            by_name[name] = by_name.get(name, 0.0) + v - self._base.get(k, 0.0)
         return {"tree_cpu_s": used, "tree_cpu_util": used / (wall * (os.cpu_count() or 1)),
-                "machine_cpu_util": machine_util, "cpu_wall_s": wall}
+                "machine_cpu_util": machine_util, "cpu_wall_s": wall,
+                "cpu_s_by_process": dict(sorted(by_name.items(), key=lambda kv: -kv[1]))}
 
 
 def timed_run_step(cfg, step: int, prev_state, **kwargs):

@@ -57,6 +57,7 @@ def _worker(loop: dict) -> None:
     import ray.train
     import torch
 
+    import csseg_core.engine  # noqa: F401  (imported here, not inside the timed run_step)
     from csseg_core.config import ExperimentConfig
     from csseg_core.state import save_state, state_from_numpy
 
@@ -116,6 +117,7 @@ def run_bare(cfg, step: int, state0: dict, threads: int) -> dict:
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
+    meter = C.TreeCpu().start()
     try:
         t0 = time.perf_counter()
         _, metrics, phases = C.timed_run_step(cfg, step, state0)
@@ -123,7 +125,7 @@ def run_bare(cfg, step: int, state0: dict, threads: int) -> dict:
     finally:
         torch.set_num_threads(before)
     return {"wall_s": wall, "images_per_s": metrics["images_per_s"], "phases": phases,
-            "miou_all": metrics["miou_all"], "threads": threads}
+            "miou_all": metrics["miou_all"], "threads": threads, "cpu": meter.stop()}
 
 
 def run_trial(cfg, step: int, state0: dict, tmp: Path) -> dict:
@@ -140,11 +142,13 @@ def run_trial(cfg, step: int, state0: dict, tmp: Path) -> dict:
     tuner = tune.Tuner(trainable, tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=1),
                        run_config=tune.RunConfig(name="overhead", storage_path=str(tmp / "tune"), verbose=0,
                                                  failure_config=tune.FailureConfig(max_failures=0)))
+    meter = C.TreeCpu().start()
     t_start = time.time()
     p0 = time.perf_counter()
     grid = tuner.fit()
     wall = time.perf_counter() - p0
     t_end = time.time()
+    cpu = meter.stop()
     if grid.errors:
         raise RuntimeError(f"trial failed: {grid.errors[0]}")
     w = json.loads((tmp / "worker.json").read_text())
@@ -166,7 +170,7 @@ def run_trial(cfg, step: int, state0: dict, tmp: Path) -> dict:
         prev = t
     return {"wall_s": wall, "images_per_s": w["images_per_s"], "phases": w["step_phases"], "timeline": timeline,
             "miou_all": w["miou_all"], "threads": w["torch_threads"], "omp": w["omp_num_threads"],
-            "torch_preloaded": w["torch_preloaded"]}
+            "torch_preloaded": w["torch_preloaded"], "cpu": cpu}
 
 
 def _mean_runs(runs: list[dict]) -> dict:
@@ -200,6 +204,18 @@ def run_via_sweep(cfg, scenario: str, method: str, overrides: dict, state_file: 
     return {"wall_s": wall, "step_wall_s": row["wall_s"], "images_per_s": row["images_per_s"],
             "miou_all": row["miou_all"], "step0_cached": bool(cached0), "trial_wall_s": trials[0]["wall_s"],
             "status": trials[0]["status"]}
+
+
+def _cpu_rows(bare: dict, trial: dict, top: int = 12) -> list[list]:
+    """CPU seconds per process name during the bare and the trial run (largest first)."""
+    b, t = bare.get("cpu_s_by_process", {}), trial.get("cpu_s_by_process", {})
+    names = sorted(set(b) | set(t), key=lambda n: -max(b.get(n, 0.0), t.get(n, 0.0)))[:top]
+    rows = [[n, b.get(n, 0.0), t.get(n, 0.0)] for n in names]
+    rows.append(["total (wall s)", f"{bare.get('tree_cpu_s', 0.0):.1f} ({bare.get('cpu_wall_s', 0.0):.0f})",
+                 f"{trial.get('tree_cpu_s', 0.0):.1f} ({trial.get('cpu_wall_s', 0.0):.0f})"])
+    rows.append(["whole machine busy", f"{100 * bare.get('machine_cpu_util', 0.0):.0f}%",
+                 f"{100 * trial.get('machine_cpu_util', 0.0):.0f}%"])
+    return rows
 
 
 def _short(name: str) -> str:
@@ -317,6 +333,9 @@ def main(argv=None) -> dict:
     C.print_table("run_step phases (s)", ["phase", "bare", "trial"],
                   [[k, bare["phases"].get(k, 0.0), trial["phases"].get(k, 0.0)] for k in trial["phases"]])
     C.print_table("trial timeline (s, in order)", ["phase", "seconds"], trial["timeline"])
+    cpu_rows = _cpu_rows(bare["cpu"], trial["cpu"])
+    C.print_table("CPU seconds by process (this process tree) while each side ran", ["process", "bare", "trial"],
+                  cpu_rows)
     C.print_table("cold reference costs (fresh subprocess, s)", ["what", "seconds"],
                   [[k, v] for k, v in cold.items()] + [["ray.init (this sweep, once)", ray_init_s]])
     print(f"fixed overhead per trial: {overhead:.1f} s; training throughput trial/bare = {ratio:.3f} "
@@ -333,7 +352,11 @@ def main(argv=None) -> dict:
                    "throughput_ratio": ratio, "e2e_ratio": e2e,
                    **{_short(k): v for k, v in tl.items() if k != "worker: run_step"},
                    "datasets_bare_s": bare["phases"].get("datasets", 0.0),
-                   "datasets_trial_s": trial["phases"].get("datasets", 0.0), "ray_init_s": ray_init_s}
+                   "datasets_trial_s": trial["phases"].get("datasets", 0.0), "ray_init_s": ray_init_s,
+                   "trial_tree_cpu_s": trial["cpu"].get("tree_cpu_s"),
+                   "trial_worker_cpu_s": trial["cpu"].get("cpu_s_by_process", {}).get("RayTrainWorker"),
+                   "machine_busy_bare": bare["cpu"].get("machine_cpu_util"),
+                   "machine_busy_trial": trial["cpu"].get("machine_cpu_util")}
         if "sweep" in res:
             figures.update(sweep_wall_s=res["sweep"]["wall_s"], sweep_step_s=res["sweep"]["step_wall_s"],
                            sweep_overhead_s=res["sweep"]["wall_s"] - res["sweep"]["step_wall_s"],
