@@ -220,7 +220,8 @@ def run_step(cfg: ExperimentConfig, step: int, prev_state: dict | None = None, *
                 if penalty is not None:
                     terms["reg"] = penalty
                     penalty.backward()
-                values = {k: float(v.detach()) for k, v in terms.items()}
+                names = list(terms)  # one device sync per iteration for every term
+                values = dict(zip(names, torch.stack([terms[k].detach().float() for k in names]).tolist()))
                 bad = [k for k, v in values.items() if not math.isfinite(v)]
                 if bad:
                     raise TrainingError(
