@@ -215,8 +215,9 @@ class TreeCpu:
                 key = (proc.pid, proc.create_time())
                 t = proc.cpu_times()
                 self._seen[key] = t.user + t.system
-                if key not in self._names:
-                    self._names[key] = _proc_name(proc)
+                name = _proc_name(proc)  # Ray workers start as setup_worker.py, then become ray::<Actor>
+                if key not in self._names or not name.endswith("setup_worker.py"):
+                    self._names[key] = name
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 pass
 
