@@ -28,6 +28,7 @@ from typer.core import TyperGroup
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 from rich.table import Table
 
+
 class OneLineErrors(TyperGroup):
     """Usage errors (unknown option, bad value, missing argument) as one ``error:`` line, exit 2."""
 

@@ -27,14 +27,15 @@ import time
 import _common as C
 
 
-def _settings(profile: str, quick: bool) -> dict:
+def _settings(profile: str, quick: bool, sets: dict | None = None) -> dict:
     over = {"pretrained": "none", "num_samples": 0}
     if quick:
         over.update(crop_size=48 if profile == "smoke" else 128, batch_size=8)
-    return over
+    return {**over, **(sets or {})}
 
 
-def measure_profile(profile: str, scenario: str, loader_batches: int, model_batches: int, quick: bool) -> dict:
+def measure_profile(profile: str, scenario: str, loader_batches: int, model_batches: int, quick: bool,
+                    sets: dict | None = None) -> dict:
     import torch
 
     from csseg_core.config import resolve_config
@@ -43,7 +44,7 @@ def measure_profile(profile: str, scenario: str, loader_batches: int, model_batc
     from csseg_core.models import build_model
     from csseg_core.scenarios import get_scenario
 
-    cfg = resolve_config(scenario, "ft", profile=profile, overrides=_settings(profile, quick))
+    cfg = resolve_config(scenario, "ft", profile=profile, overrides=_settings(profile, quick, sets))
     sc = get_scenario(cfg.scenario)
     root = cfg.data_root or str(default_data_root(sc.dataset))
     seed_everything(0)
@@ -115,8 +116,13 @@ def main(argv=None) -> dict:
     p.add_argument("--loader-batches", type=int, default=60)
     p.add_argument("--model-batches", type=int, default=None, help="default 30 (smoke) / 6 (small, paper)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, as `csseg train`)")
+    p.add_argument("--set", dest="sets", action="append", default=[],
+                   help="key=value engine override for every profile, e.g. cache_images=false or num_workers=0")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     a = p.parse_args(argv)
+    from csseg_core.config import parse_set
+
+    sets = parse_set(a.sets)
     if a.threads:
         import torch
 
@@ -130,7 +136,7 @@ def main(argv=None) -> dict:
         mb = a.model_batches or (30 if prof == "smoke" else 6)
         mb = 2 if a.quick else mb
         print(f"[bench] profile {prof}: {lb} loader batches, {mb} model batches", flush=True)
-        results.append(measure_profile(prof, a.scenario, lb, mb, a.quick))
+        results.append(measure_profile(prof, a.scenario, lb, mb, a.quick, sets))
     load1 = C.loadavg()
     cols = ["profile", "backbone", "crop", "batch", "workers", "loader img/s", "model img/s", "loader/model",
             "load share", "first batch s", "bottleneck"]

@@ -7,8 +7,8 @@ import torch
 from .config import ExperimentConfig
 from .data import build_datasets, default_data_root
 from .engine import _device, _loader, evaluate
-from .metrics import step_metrics
 from .errors import ConfigError
+from .metrics import step_metrics
 from .models import build_model, load_previous
 from .scenarios import get_scenario
 

@@ -14,18 +14,16 @@ from __future__ import annotations
 
 import math
 import shutil
-
-import torch.distributed as dist
 from pathlib import Path
 from typing import Callable, Iterable
 
+import torch.distributed as dist
 import yaml
 
 from .config import ExperimentConfig
 from .data import csseg_home
 from .engine import dist_info, run_step
-from .errors import DataError
-from .errors import CssegError, ConfigError
+from .errors import ConfigError, CssegError, DataError
 from .results import append_rows, step_row
 from .state import load_state, save_state
 

@@ -64,12 +64,32 @@ class TablesCallback(tune.Callback):
 
 
 # ---------------------------------------------------------------------------- ray
+#: Ray Train's controller polls its workers every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` (2 s by
+#: default) and only notices a finished train function at the next poll: 0.5 s takes ~3 s off
+#: every trial's teardown (bench/trial_overhead.py) for a negligible polling cost.
+HEALTH_CHECK_INTERVAL_S = "0.5"
+
+
+def train_env(local: bool = True) -> dict[str, str]:
+    """Ray Train settings for every Ray worker (the job's runtime env); a value the user set wins.
+
+    * the controller's poll interval (:data:`HEALTH_CHECK_INTERVAL_S`);
+    * on a local, single-node cluster, no ``PreemptionWatcher``: Train starts one extra actor
+      process per trial to watch for node drains, which cannot happen there (~3.5 CPU-seconds
+      per trial on 2 cores, see BENCHMARKS.md). On a real cluster Ray's default stays.
+    """
+    wanted = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": HEALTH_CHECK_INTERVAL_S}
+    if local:
+        wanted["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
+    return {k: os.environ.get(k, v) for k, v in wanted.items()}
+
+
 def init_ray(spec: SweepSpec) -> bool:
     """Start (or join) Ray; returns True if this call connected and must shut it down."""
     if ray.is_initialized():
         return False
     paths = [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
-    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in paths if p)}}
+    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in paths if p), **train_env(local=not spec.address)}}
     if spec.address:
         ctx = ray.init(address=spec.address, runtime_env=env)
     else:

@@ -36,3 +36,16 @@ def tiny_overrides():
     """Engine overrides that make a step take a second or two."""
     return {"epochs": 2, "epochs_incremental": 1, "crop_size": 64, "batch_size": 16, "head_channels": 32,
             "num_samples": 0}
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch intra-op thread for a module's tests: 2 shared cores (no oversubscription when Ray or
+    another process trains beside us) and stable float sums. Opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

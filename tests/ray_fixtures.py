@@ -25,9 +25,11 @@ def ray_session_fixture(tmp_path_factory):
     if ray.is_initialized():  # another session fixture started it
         yield ray
         return
+    from sweeper.runner import train_env
+
     home = os.environ.get("CSSEG_HOME") or str(tmp_path_factory.mktemp("ray-csseg-home"))
     ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
-             runtime_env={"env_vars": {"CSSEG_HOME": home, "RAY_USAGE_STATS_ENABLED": "0"}})
+             runtime_env={"env_vars": {"CSSEG_HOME": home, "RAY_USAGE_STATS_ENABLED": "0", **train_env()}})
     yield ray
     ray.shutdown()
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -21,15 +20,9 @@ from csseg_core.results import read_rows
 from csseg_core.scenarios import get_scenario
 from csseg_core.state import load_state
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SMOKE_SET = ["--set", "epochs=1", "--set", "epochs_incremental=1", "--set", "crop_size=64", "--set", "head_channels=32"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

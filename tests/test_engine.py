@@ -30,6 +30,8 @@ from csseg_core.runner import checkpoint_path, run_scenario
 from csseg_core.scenarios import get_scenario
 from csseg_core.state import load_state, save_state
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SCENARIO = "voc-15-5"
 METRIC_KEYS = {"step", "miou_all", "miou_old", "miou_new", "miou_avg", "class_iou", "losses", "wall_s", "images_per_s",
                "n_train_images"}
@@ -47,14 +49,6 @@ def micro_overrides(csseg_home: Path, voc_root: Path, tiny_overrides: dict) -> d
             tmp.write_text("\n".join(train.ids[:32]) + "\n")
             tmp.replace(idx / f"train-{step}.txt")
     return {**tiny_overrides, "epochs": 1, "epochs_incremental": 1, "index_dir": str(idx)}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

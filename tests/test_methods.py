@@ -23,6 +23,8 @@ from csseg_core.metrics import ConfusionMatrix
 from csseg_core.scenarios import get_scenario
 from csseg_core.state import load_state, save_state
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SCENARIO = "voc-15-5"
 
 # The loss terms each method reports at step 1 (with its reference defaults).
@@ -76,14 +78,6 @@ def shared_step0(csseg_home: Path, cfg) -> dict:
         state, _ = run_step(cfg, 0)
         save_state(state, path)
     return load_state(path)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

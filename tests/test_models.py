@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 import urllib.error
+from pathlib import Path
 
 import pytest
 import torch
@@ -195,3 +198,14 @@ def test_imagenet_weights_are_loaded_when_available(monkeypatch):
     monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", lambda *a, **k: state)
     model = build_model("resnet18", (16,), pretrained="imagenet")
     assert torch.equal(model.body.conv1.weight, state["conv1.weight"])
+
+
+def test_tiny_backbone_never_imports_torchvision():
+    """Every Ray worker imports the engine: torchvision (~2 s, it pulls in torch._dynamo) is loaded only
+    when a torchvision backbone is built, not by the tiny one or by the CLI."""
+    code = ("import sys, cli, csseg_core.engine; from csseg_core.models import build_model; "
+            "build_model('tiny', (3, 2), output_stride=8, head_channels=8); assert 'torchvision' not in sys.modules, 'tiny'; "
+            "build_model('resnet18', (3,), head_channels=8); assert 'torchvision' in sys.modules; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=str(Path(__file__).resolve().parents[1]))
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -12,16 +12,9 @@ import torch.distributed as dist
 from csseg_core.distributed import spawn
 from csseg_core.statistics import Fisher, PathIntegral, Prototypes, RWalk, build_collectors
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 C, D = 5, 3  # classes, feature channels of the synthetic prototype batches
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """2 shared cores: one intra-op thread avoids oversubscription (and keeps float sums stable)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _linear() -> torch.nn.Linear:

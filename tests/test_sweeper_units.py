@@ -96,6 +96,20 @@ def test_size_concurrency():
         size_concurrency(SweepSpec(scenarios="voc-15-1", gpus_per_worker=1), {"CPU": 2.0})
 
 
+def test_train_env_speeds_up_trials_and_yields_to_the_user(monkeypatch):
+    from sweeper.runner import HEALTH_CHECK_INTERVAL_S, train_env
+
+    monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", raising=False)
+    monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", raising=False)
+    assert train_env() == {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": HEALTH_CHECK_INTERVAL_S,
+                           "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+    assert float(HEALTH_CHECK_INTERVAL_S) < 2.0  # faster than Ray Train's default poll
+    assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in train_env(local=False)  # a real cluster keeps Ray's default
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "3")
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1")
+    assert train_env() == {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "3", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1"}
+
+
 # ---------------------------------------------------------------------------- fake sweep
 def _fake_trial(sweep_dir, cell_scenario, trial_id, kd, finals, *, fail_at=None):
     cfg = resolve_config(cell_scenario, "lwf", profile="smoke", mode="disjoint", seed=0,

@@ -1,6 +1,6 @@
 """Continual methods: one registered module each (FT, LwF, LwF-MC, ILT, EWC, PI, RW, MiB, CIL, SDR)."""
 
-from . import ft, lwf, lwf_mc, ilt, regularizers, mib, cil, sdr  # noqa: F401  (registration)
+from . import ft, lwf, lwf_mc, ilt, regularizers, mib, cil, sdr  # noqa: F401  # isort: skip  (registration order = listing order)
 from .base import (
     STATISTICS,
     Batch,

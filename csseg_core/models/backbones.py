@@ -16,12 +16,23 @@ from __future__ import annotations
 import urllib.error
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-import torchvision
 from torch import nn
 
 from csseg_core.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torchvision
+
+
+def _tv_models():
+    """``torchvision.models``, imported on first use: importing torchvision costs ~2 s (it pulls
+    in ``torch._dynamo``), paid by every Ray worker process, while the tiny backbone needs none."""
+    import torchvision.models
+
+    return torchvision.models
 
 __all__ = ["BACKBONES", "build_body", "load_body_weights", "ResNetBody", "MobileNetBody", "TinyBody"]
 
@@ -129,7 +140,7 @@ def _dilate_basic_layer(layer: nn.Sequential, previous: int, dilation: int) -> N
 
 def _make_resnet(name: str, output_stride: int) -> nn.Module:
     dilate = [False, False, True] if output_stride == 16 else [False, True, True]
-    builder: Callable[..., torchvision.models.ResNet] = getattr(torchvision.models, name)
+    builder: Callable[..., torchvision.models.ResNet] = getattr(_tv_models(), name)
     if name != "resnet18":
         return ResNetBody(builder(weights=None, replace_stride_with_dilation=dilate))
     net = builder(weights=None)
@@ -148,7 +159,7 @@ def _imagenet_weights(name: str) -> torchvision.models.WeightsEnum:
         "resnet18": "ResNet18_Weights",
         "mobilenet_v3_large": "MobileNet_V3_Large_Weights",
     }[name]
-    return getattr(torchvision.models, enum_name).IMAGENET1K_V1
+    return getattr(_tv_models(), enum_name).IMAGENET1K_V1
 
 
 def _download_imagenet(name: str) -> dict[str, torch.Tensor]:
@@ -249,7 +260,7 @@ def build_body(name: str, output_stride: int = 16, pretrained: str | Path | None
     if name == "tiny":
         body: nn.Module = TinyBody(output_stride)
     elif name == "mobilenet_v3_large":
-        body = MobileNetBody(torchvision.models.mobilenet_v3_large(weights=None, dilated=True))
+        body = MobileNetBody(_tv_models().mobilenet_v3_large(weights=None, dilated=True))
     else:
         body = _make_resnet(name, output_stride)
 
