@@ -11,6 +11,8 @@ wrapped as a csseg step state. Paths timed (median over ``--repeats``):
   copies, object-store arrays being read-only). Reported per phase and end to end (driver
   clock from ``state_to_numpy`` to the actor's answer, i.e. including the call round trip);
 * **in-process copy**: ``copy.deepcopy(state)`` and a ``clone()`` of every tensor;
+* **object store, torch tensors as is** (the naive path, for comparison): ``ray.put(state)``
+  then ``ray.get`` in the actor (tensors are pickled into the store and copied out on every get);
 * **disk**: ``torch.save`` to a file (+ ``fsync``) then ``torch.load(weights_only=True)``
   (``csseg_core.state.save_state`` / ``load_state``; the load is from the page cache).
 
@@ -68,6 +70,15 @@ def _receiver_cls():
             t2 = time.perf_counter()
             total = sum(v.numel() * v.element_size() for v in state["model"].values())
             return {"ray_get_s": t1 - t0, "from_numpy_s": t2 - t1, "bytes": total}
+
+        def receive_torch(self, ref_list: list) -> dict:
+            """The naive path: the torch state put as is (tensors pickled, copied on every get)."""
+            import ray
+
+            t0 = time.perf_counter()
+            state = ray.get(ref_list[0])
+            total = sum(v.numel() * v.element_size() for v in state["model"].values())
+            return {"ray_get_s": time.perf_counter() - t0, "bytes": total}
 
     return Receiver
 
@@ -140,6 +151,16 @@ def run(backbone: str, repeats: int) -> dict:
             ray.get(ref)  # the driver's own view: zero-copy
             rec("ray.get (same process, zero-copy)", time.perf_counter() - t4)
             del ref, arrays
+            t0 = time.perf_counter()  # before: the torch tensors straight into the store
+            ref = ray.put(state)
+            t1 = time.perf_counter()
+            got = ray.get(receiver.receive_torch.remote([ref]))
+            t2 = time.perf_counter()
+            assert got["bytes"] == size
+            rec("torch state: ray.put", t1 - t0)
+            rec("torch state: ray.get (other process)", got["ray_get_s"])
+            rec("torch state: object store end to end", t2 - t0)
+            del ref
     finally:
         ray.shutdown()
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -164,7 +185,8 @@ def main(argv=None) -> dict:
     base = med["clone"]
     order = ["clone", "deepcopy", "torch.save+fsync", "torch.load", "disk total", "state_to_numpy", "ray.put",
              "ray.get (other process)", "state_from_numpy (copy)", "object store end to end",
-             "ray.get (same process, zero-copy)"]
+             "ray.get (same process, zero-copy)", "torch state: ray.put", "torch state: ray.get (other process)",
+             "torch state: object store end to end"]
     C.print_table(f"handoff of a {backbone} state ({r['state_mib']:.0f} MiB), median of {repeats} "
                   f"(load {load0:.2f} → {load1:.2f})", ["path", "seconds", "GB/s", "× clone"],
                   [[k, med[k], r["state_mib"] / 1024 / med[k] if med[k] > 0 else float("inf"), med[k] / base]
@@ -178,6 +200,8 @@ def main(argv=None) -> dict:
                    "get_other_proc_s": med["ray.get (other process)"],
                    "from_numpy_s": med["state_from_numpy (copy)"],
                    "store_e2e_s": med["object store end to end"],
+                   "torch_store_e2e_s": med["torch state: object store end to end"],
+                   "torch_get_other_proc_s": med["torch state: ray.get (other process)"],
                    "store/clone": med["object store end to end"] / base,
                    "store/deepcopy": med["object store end to end"] / med["deepcopy"],
                    "store/disk": med["object store end to end"] / med["disk total"]}
