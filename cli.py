@@ -141,14 +141,14 @@ def load_config_file(path: Path, scenario: Optional[str], mode: Optional[str]) -
     """Read a ``--config`` YAML (a run's config.yaml or export-best output), safely."""
     import yaml
 
-    from csseg_core.errors import ConfigError
+    from csseg_core.errors import ConfigError, first_line
 
     try:
         data = yaml.safe_load(Path(path).read_text())
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML ({str(err).splitlines()[0]})") from None
+        raise ConfigError(f"config file {path} is not valid YAML ({first_line(err)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys")
     if "cells" in data:

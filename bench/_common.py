@@ -318,6 +318,34 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def add_run_args(p: argparse.ArgumentParser, trials: int | None = None) -> argparse.ArgumentParser:
+    """Options of the benchmarks that run continual steps (``--scenario``, ``--method``, ``--set``, ...)."""
+    p.add_argument("--scenario", default="voc-15-5")
+    p.add_argument("--method", default="sdr")
+    if trials is not None:
+        p.add_argument("--trials", type=int, default=trials, help="trials per sweep (N)")
+    p.add_argument("--set", dest="sets", action="append", default=[], help="key=value engine/method override")
+    p.add_argument("--no-dashboard", dest="dashboard", action="store_false",
+                   help="start Ray without the dashboard (`csseg sweep` starts it)")
+    p.add_argument("--json", default=None, help="also write every raw figure as JSON")
+    return p
+
+
+def bench_config(a: argparse.Namespace, overrides: Mapping[str, Any], quick: Mapping[str, Any]):
+    """The benchmark's ``ExperimentConfig`` and overrides: its defaults, then ``--quick``'s shrink (at
+    most 2 trials), then ``--set``; profiles other than smoke start from random weights."""
+    from csseg_core.config import parse_set, resolve_config
+
+    bench_home()
+    overrides = {**overrides, **({"pretrained": "none"} if a.profile != "smoke" else {})}
+    if a.quick:
+        overrides.update(quick)
+        if hasattr(a, "trials"):
+            a.trials = min(a.trials, 2)
+    overrides.update(parse_set(a.sets))
+    return resolve_config(a.scenario, a.method, profile=a.profile, overrides=overrides), overrides
+
+
 def warm_data(cfg, steps: Iterable[int]) -> None:
     """Generate the default synthetic data and fill the filter caches (outside every measurement)."""
     from csseg_core.data import build_datasets, default_data_root

@@ -51,27 +51,12 @@ def run_one(conc: int, a, overrides: dict, storage: Path, state_file: Path | Non
 
 def main(argv=None) -> dict:
     p = C.parser(__doc__.splitlines()[0])
-    p.add_argument("--scenario", default="voc-15-5")
-    p.add_argument("--method", default="sdr")
-    p.add_argument("--trials", type=int, default=4)
-    p.add_argument("--set", dest="sets", action="append", default=[], help="key=value engine/method override")
+    C.add_run_args(p, trials=4)
     p.add_argument("--order", default="1,2", help="concurrency levels, in the order they run")
     p.add_argument("--train-step0", action="store_true", help="train step 0 inside each sweep (not seeded)")
-    p.add_argument("--no-dashboard", dest="dashboard", action="store_false")
-    p.add_argument("--json", default=None)
     a = p.parse_args(argv)
-
-    from csseg_core.config import parse_set, resolve_config
-
-    C.bench_home()
-    overrides = {"epochs": 1, "epochs_incremental": 3, "num_samples": 0}
-    if a.profile != "smoke":
-        overrides.update(pretrained="none")
-    if a.quick:
-        a.trials = min(a.trials, 2)
-        overrides.update(epochs_incremental=1, crop_size=48, head_channels=32)
-    overrides.update(parse_set(a.sets))
-    cfg = resolve_config(a.scenario, a.method, profile=a.profile, overrides=overrides)
+    cfg, overrides = C.bench_config(a, {"epochs": 1, "epochs_incremental": 3, "num_samples": 0},
+                                    quick={"epochs_incremental": 1, "crop_size": 48, "head_channels": 32})
     C.warm_data(cfg, range(cfg.num_steps))
     state_file = None if a.train_step0 else C.fixed_step0(cfg)[1]
     load0 = C.wait_for_load(a.max_load, enabled=not (a.no_wait or a.quick))

@@ -83,6 +83,21 @@ def _receiver_cls():
     return Receiver
 
 
+def _through_store(receive, payload, size: int):
+    """``ray.put(payload)``, then ``receive`` (an actor method) gets it in the other process.
+
+    Returns the ref, the put seconds, the receiver's answer and the seconds from put to answer."""
+    import ray
+
+    t0 = time.perf_counter()
+    ref = ray.put(payload)
+    t1 = time.perf_counter()
+    got = ray.get(receive.remote([ref]))
+    t2 = time.perf_counter()
+    assert got["bytes"] == size, (got["bytes"], size)
+    return ref, t1 - t0, got, t2 - t0
+
+
 def run(backbone: str, repeats: int) -> dict:
     import ray
     import torch
@@ -136,30 +151,22 @@ def run(backbone: str, repeats: int) -> dict:
         for _ in range(repeats):
             t0 = time.perf_counter()
             arrays = state_to_numpy(state)
-            t1 = time.perf_counter()
-            ref = ray.put(arrays)
-            t2 = time.perf_counter()
-            got = ray.get(receiver.receive.remote([ref]))
-            t3 = time.perf_counter()
-            assert got["bytes"] == size
-            rec("state_to_numpy", t1 - t0)
-            rec("ray.put", t2 - t1)
+            to_numpy_s = time.perf_counter() - t0
+            ref, put_s, got, e2e_s = _through_store(receiver.receive, arrays, size)
+            rec("state_to_numpy", to_numpy_s)
+            rec("ray.put", put_s)
             rec("ray.get (other process)", got["ray_get_s"])
             rec("state_from_numpy (copy)", got["from_numpy_s"])
-            rec("object store end to end", t3 - t0)
-            t4 = time.perf_counter()
+            rec("object store end to end", to_numpy_s + e2e_s)
+            t0 = time.perf_counter()
             ray.get(ref)  # the driver's own view: zero-copy
-            rec("ray.get (same process, zero-copy)", time.perf_counter() - t4)
+            rec("ray.get (same process, zero-copy)", time.perf_counter() - t0)
             del ref, arrays
-            t0 = time.perf_counter()  # before: the torch tensors straight into the store
-            ref = ray.put(state)
-            t1 = time.perf_counter()
-            got = ray.get(receiver.receive_torch.remote([ref]))
-            t2 = time.perf_counter()
-            assert got["bytes"] == size
-            rec("torch state: ray.put", t1 - t0)
+            # before: the torch tensors straight into the store
+            ref, put_s, got, e2e_s = _through_store(receiver.receive_torch, state, size)
+            rec("torch state: ray.put", put_s)
             rec("torch state: ray.get (other process)", got["ray_get_s"])
-            rec("torch state: object store end to end", t2 - t0)
+            rec("torch state: object store end to end", e2e_s)
             del ref
     finally:
         ray.shutdown()

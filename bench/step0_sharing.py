@@ -61,27 +61,12 @@ def run_one(kind: str, a, overrides: dict, storage: Path) -> dict:
 
 def main(argv=None) -> dict:
     p = C.parser(__doc__.splitlines()[0])
-    p.add_argument("--scenario", default="voc-15-5")
-    p.add_argument("--method", default="sdr")
-    p.add_argument("--trials", type=int, default=3, help="N")
+    C.add_run_args(p, trials=3)
     p.add_argument("--concurrency", type=int, default=1)
-    p.add_argument("--set", dest="sets", action="append", default=[], help="key=value engine/method override")
     p.add_argument("--order", default="separate,shared", help="which sweep runs first")
-    p.add_argument("--no-dashboard", dest="dashboard", action="store_false")
-    p.add_argument("--json", default=None)
     a = p.parse_args(argv)
-
-    from csseg_core.config import parse_set, resolve_config
-
-    C.bench_home()
-    overrides = {"epochs": 3, "epochs_incremental": 2, "num_samples": 0}
-    if a.profile != "smoke":
-        overrides.update(pretrained="none")
-    if a.quick:
-        a.trials = min(a.trials, 2)
-        overrides.update(epochs=1, epochs_incremental=1, crop_size=48, head_channels=32)
-    overrides.update(parse_set(a.sets))
-    cfg = resolve_config(a.scenario, a.method, profile=a.profile, overrides=overrides)
+    cfg, overrides = C.bench_config(a, {"epochs": 3, "epochs_incremental": 2, "num_samples": 0},
+                                    quick={"epochs": 1, "epochs_incremental": 1, "crop_size": 48, "head_channels": 32})
     C.warm_data(cfg, range(cfg.num_steps))
     load0 = C.wait_for_load(a.max_load, enabled=not (a.no_wait or a.quick))
     import ray

@@ -251,28 +251,15 @@ def cold_costs() -> dict:
 
 def main(argv=None) -> dict:
     p = C.parser(__doc__.splitlines()[0])
-    p.add_argument("--scenario", default="voc-15-5")
-    p.add_argument("--method", default="sdr")
+    C.add_run_args(p)
     p.add_argument("--step", type=int, default=1)
-    p.add_argument("--set", dest="sets", action="append", default=[], help="key=value engine/method override")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the bare run (a 1-CPU Ray worker gets 1)")
     p.add_argument("--repeats", type=int, default=1, help="bare/trial pairs, ABBA order, figures averaged")
     p.add_argument("--no-sweep", action="store_true", help="skip the sweeper.run_sweep measurement")
-    p.add_argument("--no-dashboard", dest="dashboard", action="store_false",
-                   help="start Ray without the dashboard (`csseg sweep` starts it)")
-    p.add_argument("--json", default=None)
     a = p.parse_args(argv)
-
-    from csseg_core.config import parse_set, resolve_config
-
-    C.bench_home()
-    overrides = {"epochs": 1, "epochs_incremental": 8, "num_samples": 0}
-    if a.profile != "smoke":
-        overrides = {"epochs": 1, "epochs_incremental": 1, "num_samples": 0, "pretrained": "none"}
-    if a.quick:
-        overrides.update(epochs_incremental=1, crop_size=48, head_channels=32)
-    overrides.update(parse_set(a.sets))
-    cfg = resolve_config(a.scenario, a.method, profile=a.profile, overrides=overrides)
+    step_epochs = 8 if a.profile == "smoke" else 1
+    cfg, overrides = C.bench_config(a, {"epochs": 1, "epochs_incremental": step_epochs, "num_samples": 0},
+                                    quick={"epochs_incremental": 1, "crop_size": 48, "head_channels": 32})
     if not 1 <= a.step < cfg.num_steps:
         raise SystemExit(f"error: --step must be in 1..{cfg.num_steps - 1}")
     C.warm_data(cfg, range(a.step + 1))  # data generated, filter caches filled: outside every measurement

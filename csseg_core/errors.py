@@ -6,6 +6,12 @@ Every message names the offending thing (file, key, value) and the fix.
 from __future__ import annotations
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message ("" when it has none), for one-line errors."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else ""
+
+
 class CssegError(Exception):
     """Base class of every user-facing csseg error."""
 

@@ -41,10 +41,6 @@ def shared_step0_path(cfg: ExperimentConfig) -> Path:
     return csseg_home() / "states" / f"step0-{cfg.step_key(0)}.pt"
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 def write_config(cfg: ExperimentConfig, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -104,7 +100,7 @@ def run_scenario(cfg: ExperimentConfig, out_dir: str | Path, *, steps: Iterable[
             ckpt.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(shared, ckpt)  # the same step 0 trained by another run (any method)
             echo(f"step 0: reusing the shared step-0 state {shared}")
-        if _distributed():
+        if dist_info()[1] > 1:
             dist.barrier()  # every rank sees the copied shared state before deciding to reuse it
         if resume and ckpt.exists():
             saved = load_state(ckpt)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, first_line
 
 
 def _map(obj: Any, fn_leaf) -> Any:
@@ -26,11 +26,6 @@ def _map(obj: Any, fn_leaf) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(_map(v, fn_leaf) for v in obj)
     return fn_leaf(obj)
-
-
-def first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else ""
 
 
 def state_to_numpy(state: dict) -> dict:

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from csseg_core.errors import ConfigError
+from csseg_core.errors import ConfigError, first_line
 
 from .spec import metric_name
 from .tables import TRIALS, read_json, read_table
@@ -163,7 +163,7 @@ def load_best(path: str | os.PathLike, *, scenario: str | None = None, mode: str
     try:
         doc = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML ({str(err).splitlines()[0]}); write it with `csseg export-best`") from None
+        raise ConfigError(f"{path} is not valid YAML ({first_line(err)}); write it with `csseg export-best`") from None
     entries = doc.get("cells") if isinstance(doc, dict) and "cells" in doc else [doc]
     for e in entries:
         if not isinstance(e, dict) or not {"scenario", "method"} <= set(e):

@@ -28,6 +28,7 @@ import ray.train
 from ray import tune
 
 from csseg_core.config import ExperimentConfig, resolve_config
+from csseg_core.errors import first_line
 from csseg_core.results import step_row
 
 from .cache import READY, Lease, lookup_cache, state_path
@@ -66,8 +67,7 @@ def portable_metrics(metrics: dict) -> dict[str, Any]:
 
 
 def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}".strip()
+    return f"{type(err).__name__}: {first_line(err)}".strip()
 
 
 # ---------------------------------------------------------------------------- workers

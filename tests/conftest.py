@@ -38,6 +38,24 @@ def tiny_overrides():
             "num_samples": 0}
 
 
+@pytest.fixture(scope="session")
+def micro_overrides(csseg_home, voc_root, tiny_overrides):
+    """tiny_overrides + 1 epoch on a fixed 32-image train list per step of voc-15-5 (2 iterations)."""
+    from csseg_core.data import build_datasets
+    from csseg_core.scenarios import get_scenario
+
+    idx = csseg_home / "micro-index-voc-15-5"
+    if not (idx / "train-1.txt").is_file():
+        idx.mkdir(parents=True, exist_ok=True)
+        scenario = get_scenario("voc-15-5")
+        for step in range(scenario.num_steps):
+            train = build_datasets("voc", str(voc_root), scenario, "disjoint", step, crop_size=64, splits=("train",))["train"]
+            tmp = idx / f".train-{step}.txt.tmp"
+            tmp.write_text("\n".join(train.ids[:32]) + "\n")
+            tmp.replace(idx / f"train-{step}.txt")
+    return {**tiny_overrides, "epochs": 1, "epochs_incremental": 1, "index_dir": str(idx)}
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch intra-op thread for a module's tests: 2 shared cores (no oversubscription when Ray or

@@ -37,26 +37,11 @@ METRIC_KEYS = {"step", "miou_all", "miou_old", "miou_new", "miou_avg", "class_io
                "n_train_images"}
 
 
-def micro_overrides(csseg_home: Path, voc_root: Path, tiny_overrides: dict) -> dict:
-    """tiny_overrides + 1 epoch on a fixed 32-image train list per step of voc-15-5 (2 iterations)."""
-    idx = Path(csseg_home) / "micro-index-voc-15-5"
-    if not (idx / "train-1.txt").is_file():
-        idx.mkdir(parents=True, exist_ok=True)
-        scenario = get_scenario(SCENARIO)
-        for step in range(scenario.num_steps):
-            train = build_datasets("voc", str(voc_root), scenario, "disjoint", step, crop_size=64, splits=("train",))["train"]
-            tmp = idx / f".train-{step}.txt.tmp"
-            tmp.write_text("\n".join(train.ids[:32]) + "\n")
-            tmp.replace(idx / f"train-{step}.txt")
-    return {**tiny_overrides, "epochs": 1, "epochs_incremental": 1, "index_dir": str(idx)}
-
-
 @pytest.fixture(scope="module")
-def make_cfg(csseg_home, voc_root, tiny_overrides):
-    overrides = micro_overrides(csseg_home, voc_root, tiny_overrides)
-
+def make_cfg(voc_root, micro_overrides):
     def make(method="ft", scenario=SCENARIO, **params):
-        return resolve_config(scenario, method, profile="smoke", data_root=str(voc_root), overrides={**overrides, **params})
+        return resolve_config(scenario, method, profile="smoke", data_root=str(voc_root),
+                              overrides={**micro_overrides, **params})
     return make
 
 

@@ -15,12 +15,10 @@ import torch
 
 from csseg_core import engine
 from csseg_core.config import resolve_config
-from csseg_core.data import build_datasets
 from csseg_core.engine import run_step
 from csseg_core.errors import ConfigError, TrainingError
 from csseg_core.methods import STATISTICS, get_method, list_methods, method_defaults
 from csseg_core.metrics import ConfusionMatrix
-from csseg_core.scenarios import get_scenario
 from csseg_core.state import load_state, save_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -57,20 +55,6 @@ STAT_KEYS = {"prototypes": {"prototypes", "prototype_counts"}, "fisher": {"fishe
 
 
 # ----------------------------------------------------------------------------- shared setup
-def micro_overrides(csseg_home: Path, voc_root: Path, tiny_overrides: dict) -> dict:
-    """tiny_overrides + 1 epoch on a fixed 32-image train list per step of voc-15-5 (2 iterations)."""
-    idx = Path(csseg_home) / "micro-index-voc-15-5"
-    if not (idx / "train-1.txt").is_file():
-        idx.mkdir(parents=True, exist_ok=True)
-        scenario = get_scenario(SCENARIO)
-        for step in range(scenario.num_steps):
-            train = build_datasets("voc", str(voc_root), scenario, "disjoint", step, crop_size=64, splits=("train",))["train"]
-            tmp = idx / f".train-{step}.txt.tmp"
-            tmp.write_text("\n".join(train.ids[:32]) + "\n")
-            tmp.replace(idx / f"train-{step}.txt")
-    return {**tiny_overrides, "epochs": 1, "epochs_incremental": 1, "index_dir": str(idx)}
-
-
 def shared_step0(csseg_home: Path, cfg) -> dict:
     """The step-0 state of ``cfg``, trained once per session and cached under $CSSEG_HOME by its key."""
     path = Path(csseg_home) / "shared-step0" / f"step0-{cfg.step_key(0)}.pt"
@@ -81,14 +65,10 @@ def shared_step0(csseg_home: Path, cfg) -> dict:
 
 
 @pytest.fixture(scope="module")
-def overrides(csseg_home, voc_root, tiny_overrides):
-    return micro_overrides(csseg_home, voc_root, tiny_overrides)
-
-
-@pytest.fixture(scope="module")
-def make_cfg(voc_root, overrides):
+def make_cfg(voc_root, micro_overrides):
     def make(method="ft", **params):
-        return resolve_config(SCENARIO, method, profile="smoke", data_root=str(voc_root), overrides={**overrides, **params})
+        return resolve_config(SCENARIO, method, profile="smoke", data_root=str(voc_root),
+                              overrides={**micro_overrides, **params})
     return make
 
 

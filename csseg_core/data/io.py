@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from csseg_core.errors import DataError
+from csseg_core.errors import DataError, first_line
 
 _TRACEBACK_MARK = "Traceback (most recent call last)"
 
@@ -99,7 +99,7 @@ def load_image(path: Path) -> Image.Image:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise DataFileError(
             f"image {path} is unreadable or corrupt ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else 'no detail'}); "
+            f"{first_line(err) or 'no detail'}); "
             "re-download it or remove its id from the list file"
         ) from None
 
