@@ -137,6 +137,11 @@ def data_synth(root: Path = typer.Option(..., help="Where to write the dataset."
     typer.echo(f"wrote a synthetic {dataset} dataset to {path}")
 
 
+#: Keys of an export-best entry that describe the choice, not the configuration.
+EXPORT_ONLY_KEYS = ("metrics", "metrics_std", "seeds", "reeval_sweep", "command", "params", "trial_id", "sweep", "cell",
+                    "metric", "selected_on", "protocol", "selected_at_step")
+
+
 def load_config_file(path: Path, scenario: Optional[str], mode: Optional[str]) -> dict:
     """Read a ``--config`` YAML (a run's config.yaml or export-best output), safely."""
     import yaml
@@ -157,7 +162,7 @@ def load_config_file(path: Path, scenario: Optional[str], mode: Optional[str]) -
             names = ", ".join(f"{c.get('scenario')}/{c.get('mode')}" for c in data["cells"])
             raise ConfigError(f"config file {path} holds several cells ({names}); pick one with SCENARIO and --mode")
         data = cells[0]
-    out = {k: v for k, v in data.items() if k not in ("metrics", "command", "params", "trial_id", "sweep", "cell", "metric")}
+    out = {k: v for k, v in data.items() if k not in EXPORT_ONLY_KEYS}
     out.update(data.get("params") or {})
     return out
 
@@ -279,8 +284,12 @@ def sweep(scenarios: str = typer.Argument(..., help="Scenario(s), comma separate
           method: str = typer.Option("sdr", "--method", "-m", help="Method whose loss weights are searched."),
           trials: int = typer.Option(20, help="Trials per grid cell (the first is the reference preset)."),
           mode: str = typer.Option("disjoint", help="Mode(s), comma separated: disjoint,overlapped,sequential."),
-          metric: str = typer.Option("miou_all", help="Objective at the last step: miou_all|miou_old|miou_new|miou_avg."),
+          metric: str = typer.Option("all", help="Objective at the last step run: all|old|new|avg (mIoU), on --select-on."),
           objectives: Optional[str] = typer.Option(None, help="Multi-objective, e.g. old,new (Pareto front reported)."),
+          select_on: str = typer.Option("val", help="val (held-out train images, default) or test (the literature's "
+                                                     "protocol: tunes on the reported images)."),
+          protocol: str = typer.Option("end-of-training", help="end-of-training (all steps, select on the last) or "
+                                                                 "first-step (step 1 only; `csseg final` runs all steps)."),
           scheduler: str = typer.Option("fifo", help="fifo or asha (stops weak trials at step boundaries)."),
           concurrency: Optional[int] = typer.Option(None, help="Concurrent trials; default: what the cluster holds."),
           workers_per_trial: int = typer.Option(1, help="DDP workers per trial (Ray Train)."),
@@ -308,7 +317,7 @@ def sweep(scenarios: str = typer.Argument(..., help="Scenario(s), comma separate
 
         raise ConfigError(f"--seeds {seeds!r} is not a comma-separated list of integers; e.g. --seeds 0,1,2") from None
     spec = SweepSpec(scenarios=_csv(scenarios), method=method, modes=_csv(mode), trials=trials, metric=metric,
-                     objectives=_csv(objectives), scheduler=scheduler, concurrency=concurrency,
+                     objectives=_csv(objectives), select_on=select_on, protocol=protocol, scheduler=scheduler, concurrency=concurrency,
                      workers_per_trial=workers_per_trial, gpus_per_worker=gpus_per_worker,
                      cpus_per_worker=cpus_per_worker, address=address, storage=str(storage), name=name,
                      resume=resume, seed=seed, max_failures=max_failures,
@@ -316,51 +325,101 @@ def sweep(scenarios: str = typer.Argument(..., help="Scenario(s), comma separate
                      overrides=tuple(parse_set(set_ or []).items()), grid_seeds=grid_seeds,
                      dashboard=not no_dashboard)
     sweep_dir = run_sweep(spec)
-    _print_leaderboard(sweep_dir, metric, top=5)
+    _print_leaderboard(sweep_dir, None, top=5)
     typer.echo(f"next: csseg results {sweep_dir} | csseg export-best {sweep_dir} --out best.yaml")
 
 
-def _print_leaderboard(sweep_dir: Path, metric: Optional[str], top: Optional[int]) -> None:
-    from sweeper import leaderboard
+def _print_leaderboard(sweep_dir: Path, metric: Optional[str], top: Optional[int], select_on: Optional[str] = None) -> None:
+    from sweeper import leaderboard, read_reeval
 
-    rows = leaderboard(sweep_dir, metric, top=top)
+    rows = leaderboard(sweep_dir, metric, top=top, select_on=select_on)
     if not rows:
         typer.echo(f"{sweep_dir}: no trial has finished every step yet")
         return
-    fixed = {"cell", "rank", "trial_id", "scenario", "mode", "method", "seed", "pareto", "wall_s",
-             "miou_all", "miou_old", "miou_new", "miou_avg"}
+    chosen = rows[0]["select_on"]
+    split_name = "validation (held-out train images)" if chosen == "val" else "TEST (the literature's protocol)"
     for cell in dict.fromkeys(r["cell"] for r in rows):
-        table = Table(title=f"{Path(sweep_dir).name} · {cell} (mIoU %, last step)",
-                      caption="* on the Pareto front of the sweep's objectives (old vs new by default)")
-        for col in ("rank", "trial", "all", "old", "new", "avg", "hyperparameters", "wall s"):
+        cell_rows = [r for r in rows if r["cell"] == cell]
+        table = Table(title=f"{Path(sweep_dir).name} · {cell} (mIoU %, step {cell_rows[0]['final_step']}; ranked by "
+                            f"{cell_rows[0]['metric']} on {split_name})",
+                      caption="* on the Pareto front of the objectives (old vs new by default), on the selection split")
+        for col in ("rank", "trial", "val all", "val old", "val new", "test all", "test old", "test new", "hyperparameters"):
             table.add_column(col, overflow="fold")
-        for r in (r for r in rows if r["cell"] == cell):
-            params = ", ".join(f"{k}={r[k]:.3g}" if isinstance(r[k], float) else f"{k}={r[k]}"
-                               for k in r if k not in fixed)
+        for r in cell_rows:
+            params = " ".join(f"{k}={r[k]:.3g}" if isinstance(r[k], float) else f"{k}={r[k]}"
+                              for k in r if k not in LEADERBOARD_FIXED)
             mark = "*" if r.get("pareto") else ""
-            table.add_row(f"{r['rank']}{mark}", str(r["trial_id"]), *(pct(r.get(k)) for k in
-                          ("miou_all", "miou_old", "miou_new", "miou_avg")), params, f"{r.get('wall_s') or 0:.0f}")
+            table.add_row(f"{r['rank']}{mark}", str(r["trial_id"]).split("_")[-1],
+                          *(pct(r.get(k)) for k in ("val_miou_all", "val_miou_old", "val_miou_new",
+                                                    "miou_all", "miou_old", "miou_new")), params)
         console.print(table)
+        _print_noise(cell_rows, (read_reeval(sweep_dir) or {}), cell)
+
+
+LEADERBOARD_FIXED = {"cell", "rank", "trial_id", "scenario", "mode", "method", "seed", "pareto", "wall_s", "metric",
+                     "select_on", "final_step", "val_miou_all", "val_miou_old", "val_miou_new", "val_miou_avg",
+                     "miou_all", "miou_old", "miou_new", "miou_avg"}
+
+
+def _print_noise(cell_rows: list, reeval: dict, cell: str) -> None:
+    """Seed spread of the cell's top trials, when `export-best --top K --seeds S` measured it."""
+    metric = cell_rows[0]["metric"]
+    gap = (cell_rows[0][metric] or 0) - (cell_rows[1][metric] or 0) if len(cell_rows) > 1 else None
+    summary = next((c for c in reeval.get("cells", []) if c["cell"] == cell), None)
+    if summary is None:
+        if gap is not None:
+            typer.echo(f"  top-2 gap {100 * gap:.1f} points on one seed each; measure the seed spread with "
+                       f"`csseg export-best DIR --top 3 --seeds 3` before trusting the ranking")
+        return
+    table = Table(title=f"{cell}: top trials re-run over seeds {summary['seeds']} (mean ± std, mIoU %)")
+    for col in ("trial", "val all", "val old", "val new", "test all", "test old", "test new"):
+        table.add_column(col)
+    for c in summary["candidates"]:
+        m, sd = c["metrics"], c["metrics_std"]
+        table.add_row(str(c["trial_id"]).split("_")[-1], *(f"{pct(m[k])} ± {pct(sd[k])}" for k in (
+            "val_miou_all", "val_miou_old", "val_miou_new", "miou_all", "miou_old", "miou_new")))
+    console.print(table)
+    spread = max((c["metrics_std"][summary["metric"]] for c in summary["candidates"]), default=0.0)
+    if gap is not None and gap <= spread:
+        typer.echo(f"  the top-2 single-seed gap ({100 * gap:.1f} points) is within the seed spread "
+                   f"(std up to {100 * spread:.1f}): the re-run's mean decides (best: {summary['best']['trial_id']})")
 
 
 @app.command()
 @user_errors
 def results(sweep_dir: Path = typer.Argument(..., help="A sweep folder (sweeps/<name>)."),
-            metric: Optional[str] = typer.Option(None, help="Rank by this metric; default: the sweep's."),
+            metric: Optional[str] = typer.Option(None, help="Rank by this metric (all|old|new|avg); default: the sweep's."),
+            select_on: Optional[str] = typer.Option(None, help="val or test; default: the sweep's (val)."),
             top: Optional[int] = typer.Option(None, help="Rows per grid cell.")):
     """Print the leaderboard of a sweep, per grid cell (trials that finished every step)."""
-    _print_leaderboard(sweep_dir, metric, top)
+    if select_on == "test":
+        from sweeper.spec import TEST_PROTOCOL_NOTE
+
+        typer.echo(f"note: {TEST_PROTOCOL_NOTE}", err=True)
+    _print_leaderboard(sweep_dir, metric, top, select_on)
 
 
 @app.command("export-best")
 @user_errors
 def export_best(sweep_dir: Path = typer.Argument(..., help="A sweep folder."),
-                metric: Optional[str] = typer.Option(None, help="Best by this metric; default: the sweep's."),
+                metric: Optional[str] = typer.Option(None, help="Best by this metric (all|old|new|avg); default: the sweep's."),
+                select_on: Optional[str] = typer.Option(None, help="val or test; default: the sweep's (val)."),
+                top: int = typer.Option(1, help="With --seeds: re-run the K best trials of each cell."),
+                seeds: int = typer.Option(0, help="Re-run the --top trials over S seeds (on Ray) and pick the best mean."),
+                concurrency: Optional[int] = typer.Option(None, help="Concurrent re-runs (with --seeds)."),
+                address: Optional[str] = typer.Option(None, help="Ray cluster for the re-runs (with --seeds)."),
                 out: Path = typer.Option(Path("best.yaml"), help="Where to write the YAML.")):
     """Write the best configuration of each grid cell, its metrics and the command that reruns it."""
     from sweeper import export_best as export
 
-    path = export(sweep_dir, metric, out)
+    if select_on == "test":
+        from sweeper.spec import TEST_PROTOCOL_NOTE
+
+        typer.echo(f"note: {TEST_PROTOCOL_NOTE}", err=True)
+    path = export(sweep_dir, metric, out, select_on=select_on, top=top, seeds=seeds, concurrency=concurrency,
+                  address=address)
+    if seeds:
+        _print_leaderboard(sweep_dir, metric, top, select_on)
     typer.echo(f"wrote {path}; run it with: csseg train --config {path}  (or csseg final {path} --seeds 3)")
 
 
@@ -368,21 +427,27 @@ def export_best(sweep_dir: Path = typer.Argument(..., help="A sweep folder."),
 @user_errors
 def final(best: Path = typer.Argument(..., help="A file written by `csseg export-best`."),
           seeds: int = typer.Option(3, help="Number of seeds (0..N-1)."),
+          scenarios: Optional[str] = typer.Option(None, help="Evaluate on these scenarios / class orders instead "
+                                                              "(transfer), e.g. voc-15-1b,voc-15-1c."),
           data_root: Optional[Path] = typer.Option(None, help="Dataset root; default: the file's."),
           out: Optional[Path] = typer.Option(None, help="Output folder; default: <file dir>/final."),
           progress: bool = typer.Option(True, help="Show progress bars.")):
-    """Run the exported configuration(s) over several seeds; report mean ± std per metric."""
+    """Run the exported configuration(s) over several seeds; report mean ± std per metric (val and test)."""
     from sweeper import run_final
 
-    summaries = run_final(best, seeds, out_dir=out, data_root=str(data_root) if data_root else None, progress=progress)
+    summaries = run_final(best, seeds, out_dir=out, data_root=str(data_root) if data_root else None, progress=progress,
+                          scenarios=_csv(scenarios) or None)
     table = Table(title=f"final runs over {seeds} seed(s) (mIoU %, last step, mean ± std)")
-    for col in ("cell", "method", "all", "old", "new", "avg"):
+    for col in ("tuned on", "run on", "method", "split", "all", "old", "new", "avg"):
         table.add_column(col)
     for s in summaries:
         m = s["metrics"]
-        table.add_row(s["cell"], s["method"], *(f"{pct(m[k]['mean'])} ± {pct(m[k]['std'])}" for k in
-                                                ("miou_all", "miou_old", "miou_new", "miou_avg")))
+        for split, prefix in (("val", "val_"), ("test", "")):
+            table.add_row(s["cell"], s["scenario"] + (" (transfer)" if s["transfer"] else ""), s["method"], split,
+                          *(f"{pct(m[prefix + k]['mean'])} ± {pct(m[prefix + k]['std'])}" for k in
+                            ("miou_all", "miou_old", "miou_new", "miou_avg")))
     console.print(table)
+    typer.echo(f"tables: {(out or best.resolve().parent / 'final') / 'final.parquet'}")
 
 
 if __name__ == "__main__":  # pragma: no cover

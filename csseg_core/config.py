@@ -48,6 +48,9 @@ class ExperimentConfig:
     head_channels: int = 64
     crop_size: int = 64
     crop_val: bool = True
+    val_fraction: float = 0.15
+    """Fraction of the train list held out as the validation split (never trained on; sweeps
+    select on it). Depends on the dataset and this fraction only. 0 = none (test only)."""
     batch_size: int = 16
     epochs: int = 12
     """Epochs of step 0."""
@@ -228,6 +231,8 @@ def _validate(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"{key} must be > 0 (got {getattr(cfg, key)})")
     if cfg.epochs_incremental < 0 or cfg.lr <= 0 or cfg.lr_incremental <= 0:
         raise ConfigError("epochs_incremental must be >= 0 and learning rates > 0")
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        raise ConfigError(f"val_fraction must be in [0, 1) (got {cfg.val_fraction}); e.g. --set val_fraction=0.15")
     if cfg.output_stride not in (8, 16):
         raise ConfigError(f"output_stride must be 8 or 16 (got {cfg.output_stride})")
 

@@ -140,8 +140,10 @@ def run_step(cfg: ExperimentConfig, step: int, prev_state: dict | None = None, *
 
     method = build_method("ft" if step == 0 else cfg.method, {} if step == 0 else dict(cfg.params))
     root = cfg.data_root or str(default_data_root(scenario.dataset))
+    splits = ("train", "val", "test") if cfg.val_fraction > 0 else ("train", "test")
     datasets = build_datasets(scenario.dataset, root, scenario, cfg.mode, step, crop_size=cfg.crop_size,
-                              crop_val=cfg.crop_val, index_dir=cfg.index_dir, cache_images=cfg.cache_images)
+                              crop_val=cfg.crop_val, index_dir=cfg.index_dir, cache_images=cfg.cache_images,
+                              splits=splits, val_fraction=cfg.val_fraction)
 
     classes = scenario.classes_per_step[: step + 1]
     model = build_model(cfg.backbone, classes, output_stride=cfg.output_stride,
@@ -241,16 +243,25 @@ def run_step(cfg: ExperimentConfig, step: int, prev_state: dict | None = None, *
     for c in ctx.collectors.values():
         statistics.update(c.finalize(model))
     num_classes = sum(classes)
-    val_cm = evaluate(model, _loader(datasets["val"], cfg, train=False, seed=0), num_classes, device)
-    test_cm = evaluate(model, _loader(datasets["test"], cfg, train=False, seed=0), num_classes, device)
-    metrics = step_metrics(test_cm, classes[0])
-    history = list(prev_state.get("history", [])) if step > 0 else []
-    history.append(float(metrics["miou_all"]))
-    finite = [h for h in history if not math.isnan(h)]
+    metrics: dict[str, Any] = {}
+    histories: dict[str, list[float]] = {}
+    for split, prefix in (("val", "val_"), ("test", "")):  # held-out validation, then test
+        if split in datasets:
+            cm = evaluate(model, _loader(datasets[split], cfg, train=False, seed=0), num_classes, device)
+            m = step_metrics(cm, classes[0])
+        else:  # val_fraction=0: no validation split
+            m = {k: float("nan") for k in ("miou_all", "miou_old", "miou_new")}
+            m["class_iou"] = [float("nan")] * num_classes
+        history = list(prev_state.get(f"{prefix}history", [])) if step > 0 else []
+        history.append(float(m["miou_all"]))
+        finite = [h for h in history if not math.isnan(h)]
+        m["miou_avg"] = float(np.mean(finite)) if finite else float("nan")
+        histories[f"{prefix}history"] = history
+        if prefix:
+            m = {f"{prefix}{k}": m[k] for k in ("miou_all", "miou_old", "miou_new", "miou_avg", "class_iou")}
+        metrics.update(m)
     metrics.update(
         step=step,
-        miou_avg=float(np.mean(finite)) if finite else float("nan"),
-        val_miou=float(step_metrics(val_cm, classes[0])["miou_all"]),
         losses={k: v / max(it, 1) for k, v in sums.items()},
         wall_s=time.perf_counter() - started,
         images_per_s=n_images / train_time if train_time > 0 else 0.0,
@@ -263,7 +274,7 @@ def run_step(cfg: ExperimentConfig, step: int, prev_state: dict | None = None, *
         "config": cfg.to_dict(),
         "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "statistics": statistics,
-        "history": history,
+        **histories,
         "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, list, dict))},
     }
     return state, metrics

@@ -21,7 +21,20 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["ConfusionMatrix", "step_metrics", "format_percent"]
+__all__ = ["ConfusionMatrix", "step_metrics", "format_percent", "METRICS", "VAL_METRICS", "ALL_METRICS", "split_metric"]
+
+METRICS = ("miou_all", "miou_old", "miou_new", "miou_avg")
+"""Test metrics (the dataset's evaluation images, what papers report)."""
+VAL_METRICS = tuple(f"val_{m}" for m in METRICS)
+"""The same metrics on the held-out validation split (what sweeps select on)."""
+ALL_METRICS = VAL_METRICS + METRICS
+
+
+def split_metric(kind: str, split: str) -> str:
+    """``("all", "val")`` -> ``"val_miou_all"``; ``("miou_old", "test")`` -> ``"miou_old"``."""
+    kind = kind[len("val_"):] if kind.startswith("val_") else kind
+    kind = kind if kind.startswith("miou_") else f"miou_{kind}"
+    return f"val_{kind}" if split == "val" else kind
 
 
 class ConfusionMatrix:

@@ -1,6 +1,7 @@
 """Result rows as Arrow tables, appended to Parquet files atomically.
 
-One row per (run or trial) × step. Hyperparameters are flattened into ``param_<name>``
+One row per (run or trial) × step: ``val_miou_*`` (held-out validation split, what sweeps
+select on) beside ``miou_*`` (test). Hyperparameters are flattened into ``param_<name>``
 columns, per-class IoU is a list column, loss terms are ``loss_<term>`` columns. Files are
 rewritten through a temporary file and ``os.replace``, so a reader never sees half a file and
 an interrupted write never loses rows already there.
@@ -17,7 +18,7 @@ from typing import Any, Iterable, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-METRIC_KEYS = ("miou_all", "miou_old", "miou_new", "miou_avg")
+from .metrics import ALL_METRICS as METRIC_KEYS
 
 
 def _clean(v: Any) -> Any:
@@ -45,8 +46,9 @@ def step_row(cfg, metrics: dict, **extra: Any) -> dict:
     }
     for k in METRIC_KEYS:
         row[k] = _clean(float(metrics[k])) if metrics.get(k) is not None else None
-    row["val_miou"] = _clean(metrics.get("val_miou"))
-    row["class_iou"] = [_clean(float(x)) for x in metrics.get("class_iou", [])]
+    for k in ("val_class_iou", "class_iou"):
+        row[k] = [_clean(float(x)) for x in metrics.get(k, [])]
+    row["val_fraction"] = cfg.val_fraction
     for name, value in sorted(cfg.method_params.items()):
         row[f"param_{name}"] = value
     for name, value in sorted(metrics.get("losses", {}).items()):

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import math
 import shutil
 from pathlib import Path
 from typing import Callable, Iterable
@@ -48,11 +47,13 @@ def write_config(cfg: ExperimentConfig, path: str | Path) -> None:
 
 
 def format_metrics(m: dict) -> str:
-    """``all 61.3 | old 70.1 | new 12.0 | avg 65.2`` (percentages, one decimal)."""
-    def pct(x):
-        return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+    """``val all 58.0 old 69.1 new 11.2 | test all 61.3 old 70.1 new 12.0 avg 65.2`` (percentages)."""
+    from .metrics import format_percent as pct
 
-    return " | ".join(f"{k} {pct(m.get('miou_' + k))}" for k in ("all", "old", "new", "avg"))
+    def part(prefix: str, keys) -> str:
+        return " ".join(f"{k} {pct(m.get(f'{prefix}miou_{k}'))}" for k in keys)
+
+    return f"val {part('val_', ('all', 'old', 'new'))} | test {part('', ('all', 'old', 'new', 'avg'))}"
 
 
 def run_scenario(cfg: ExperimentConfig, out_dir: str | Path, *, steps: Iterable[int] | None = None,

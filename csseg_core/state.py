@@ -1,8 +1,8 @@
 """Step states: plain dicts that ``torch.save`` and ``torch.load(weights_only=True)`` handle.
 
-A state is ``{"step", "config", "model", "statistics", "history"}``: model weights, the
-statistics later steps need (prototypes, EWC Fisher, PI and RW scores), the resolved config
-and the ``miou_all`` of every step so far. ``state_to_numpy`` / ``state_from_numpy`` convert
+A state is ``{"step", "config", "model", "statistics", "history", "val_history"}``: model
+weights, the statistics later steps need (prototypes, EWC Fisher, PI and RW scores), the
+resolved config and the test / validation ``miou_all`` of every step so far. ``state_to_numpy`` / ``state_from_numpy`` convert
 it for the Ray object store (numpy arrays travel zero-copy; they come back read-only, so
 ``state_from_numpy`` copies them).
 """

@@ -2,8 +2,9 @@
 
 TensorBoard tags (one run directory per continual run or trial):
 ``step<k>/loss/<term>`` and ``step<k>/lr`` every ``log_every`` iterations; at the end of a
-step ``test/miou_all|miou_old|miou_new|miou_avg`` and ``val/miou`` (x = step), a per-class
-IoU table (text) and a few image | ground truth | prediction samples.
+step ``test/miou_all|miou_old|miou_new|miou_avg`` and the same under ``val/`` (the held-out
+validation split) (x = step), per-class IoU tables (text) and a few image | ground truth |
+prediction samples.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import math
 
 import numpy as np
 import torch
+
+from .metrics import METRICS, format_percent
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
@@ -70,15 +73,16 @@ class StepLogger:
         if self.writer is None:
             return
         w, s = self.writer, self.step
-        for k in ("miou_all", "miou_old", "miou_new", "miou_avg"):
-            if not math.isnan(metrics[k]):
-                w.add_scalar(f"test/{k}", metrics[k], s)
-        w.add_scalar("val/miou", metrics["val_miou"], s)
         names = self.scenario.class_names()
-        rows = ["| class | IoU (%) |", "|---|---|"]
-        for name, iou in zip(names, metrics["class_iou"]):
-            rows.append(f"| {name} | {'–' if math.isnan(iou) else f'{100 * iou:.1f}'} |")
-        w.add_text("test/class_iou", "\n".join(rows), s)
+        for split, prefix in (("val", "val_"), ("test", "")):
+            for k in METRICS:
+                value = metrics.get(prefix + k, math.nan)
+                if not math.isnan(value):
+                    w.add_scalar(f"{split}/{k}", value, s)
+            rows = ["| class | IoU (%) |", "|---|---|"]
+            for name, iou in zip(names, metrics.get(f"{prefix}class_iou", [])):
+                rows.append(f"| {name} | {format_percent(iou)} |")
+            w.add_text(f"{split}/class_iou", "\n".join(rows), s)
         if num_samples > 0 and len(test_set) > 0:
             w.add_image(f"samples/step{s}", self._samples(model, test_set, device, num_samples), s, dataformats="HWC")
         w.flush()

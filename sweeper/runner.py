@@ -30,7 +30,7 @@ from csseg_core.errors import ConfigError
 from search_spaces import GridCell, to_optuna
 
 from .cache import get_cache, kill_cache
-from .spec import Plan, SweepSpec, plan_sweep, spec_to_dict
+from .spec import TEST_PROTOCOL_NOTE, Plan, SweepSpec, plan_sweep, spec_to_dict
 from .tables import TRIALS, merge_trial, read_json, read_table, started_trials, write_json
 from .trial import trial_driver
 
@@ -155,7 +155,7 @@ def _cell_ctx(plan: Plan, cell: GridCell) -> dict[str, Any]:
             "mode": cell.mode, "method": plan.method, "profile": s.profile, "data_root": s.data_root,
             "overrides": plan.overrides, "seed": plan.cell_seed(cell), "workers_per_trial": s.workers_per_trial,
             "gpus_per_worker": s.gpus_per_worker, "cpus_per_worker": s.cpus_per_worker,
-            "max_failures": s.max_failures, "poll_s": 1.0}
+            "max_failures": s.max_failures, "poll_s": 1.0, "last_step": plan.last_step(cell), "protocol": s.protocol}
 
 
 def _searcher(plan: Plan, cell: GridCell):
@@ -177,19 +177,21 @@ def tune_config(plan: Plan, cell: GridCell, concurrency: int) -> tuple[tune.Tune
 
     With a search space: ``OptunaSearch`` (seeded TPE, journal storage, the preset first) for
     ``trials`` samples. Without one (FT): the preset over ``trials`` consecutive seeds.
-    ASHA (``time_attr="step"``) is used only when the scenario has at least 2 incremental steps.
+    With ``only_points``: exactly the given points, as a grid (the re-evaluation of the best
+    trials over seeds). ASHA (``time_attr="step"``) is used only when a trial runs at least
+    2 incremental steps.
     """
-    from csseg_core.scenarios import get_scenario
-
     spec = plan.spec
-    num_steps = get_scenario(cell.scenario).num_steps
+    last_step = plan.last_step(cell)
     scheduler = None
-    if spec.scheduler == "asha" and num_steps > 2:
+    if spec.scheduler == "asha" and last_step >= 2:
         from ray.tune.schedulers import ASHAScheduler
 
-        scheduler = ASHAScheduler(time_attr="step", metric=plan.metric, mode="max", max_t=num_steps - 1,
+        scheduler = ASHAScheduler(time_attr="step", metric=plan.metric, mode="max", max_t=last_step,
                                   grace_period=1, reduction_factor=2)
-    if plan.space:
+    if spec.only_points:
+        searcher, param_space, samples = None, {"point": tune.grid_search([dict(p) for p in plan.points])}, 1
+    elif plan.space:
         searcher, param_space, samples = _searcher(plan, cell), None, spec.trials
     else:  # nothing to search (FT): the preset over consecutive seeds
         seeds = [plan.cell_seed(cell) + i for i in range(spec.trials)]
@@ -234,6 +236,8 @@ def run_sweep(spec: SweepSpec) -> Path:
         The sweep folder (``<storage>/<name>``).
     """
     plan = plan_sweep(spec)
+    if spec.select_on == "test":
+        log(TEST_PROTOCOL_NOTE)
     state = prepare_dir(plan)
     started = time.perf_counter()
     own_ray = init_ray(spec)
@@ -279,9 +283,10 @@ def _closing_note(plan: Plan, state: dict) -> None:
         f"for {len(plan.cells)} cell(s)")
     from .export import leaderboard
 
-    board = leaderboard(plan.sweep_dir, plan.metric)
+    board = leaderboard(plan.sweep_dir)
     for row in (r for r in board if r["rank"] == 1):
-        log(f"best {row['cell']}: {plan.metric}={row[plan.metric]:.3f} (trial {row['trial_id']})")
+        log(f"best {row['cell']}: {plan.metric}={row[plan.metric]:.3f} (trial {row['trial_id']}, selected on "
+            f"{'validation' if plan.spec.select_on == 'val' else 'TEST'}; test miou_all={row['miou_all'] or 0:.3f})")
     if plan.multi_objective:
         for cell in dict.fromkeys(r["cell"] for r in board):
             front = [r for r in board if r["cell"] == cell and r["pareto"]]

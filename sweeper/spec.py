@@ -21,6 +21,9 @@ from typing import Any, Mapping
 
 from csseg_core.config import resolve_config
 from csseg_core.errors import ConfigError
+from csseg_core.metrics import ALL_METRICS as _ALL
+from csseg_core.metrics import METRICS as _METRICS
+from csseg_core.metrics import split_metric
 from search_spaces import (
     GridCell,
     Param,
@@ -33,18 +36,32 @@ from search_spaces import (
     preset,
 )
 
-METRICS = ("miou_all", "miou_old", "miou_new", "miou_avg")
+METRICS = _METRICS
 SCHEDULERS = ("fifo", "asha")
+SPLITS = ("val", "test")
+PROTOCOLS = ("end-of-training", "first-step")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+TEST_PROTOCOL_NOTE = ("selecting on test (the dataset's evaluation images): the literature's test-set protocol "
+                      "(SDR, MiB, PLOP), so the choice is tuned on the images its numbers are reported on")
 
 
-def metric_name(name: str) -> str:
-    """``old`` / ``miou_old`` -> ``miou_old``; ConfigError for anything else."""
+def metric_name(name: str, select_on: str = "val") -> str:
+    """The column a sweep ranks by: the metric's kind from ``name``, its split from ``select_on``.
+
+    ``all`` / ``miou_all`` -> ``val_miou_all`` (or ``miou_all`` with ``select_on="test"``);
+    an explicit ``val_miou_*`` stays a validation metric. ConfigError for anything else.
+    """
+    if select_on not in SPLITS:
+        raise ConfigError(f"unknown split {select_on!r} for --select-on; choose val (default) or test")
     key = str(name).strip().lower()
-    key = key if key.startswith("miou_") else f"miou_{key}"
-    if key not in METRICS:
-        raise ConfigError(f"unknown metric {name!r}; choose one of: {', '.join(METRICS)} (or all, old, new, avg)")
-    return key
+    if key.startswith("val_") and select_on == "test":
+        raise ConfigError(f"metric {name!r} is a validation metric but --select-on test was given; pass --metric "
+                          f"{key[len('val_'):]}")
+    out = split_metric(key, "val" if key.startswith("val_") else select_on)
+    if out not in _ALL:
+        raise ConfigError(f"unknown metric {name!r}; choose one of: all, old, new, avg (or {', '.join(_METRICS)}); "
+                          "the split comes from --select-on")
+    return out
 
 
 def _tuple(value: Any) -> tuple:
@@ -68,8 +85,14 @@ class SweepSpec:
         scenarios: scenario names (aliases allowed). modes: modes of the grid.
         method: the continual method whose hyperparameters are searched.
         trials: trials per grid cell (the first evaluates the reference preset).
-        metric: objective ``miou_all|miou_old|miou_new|miou_avg`` (short names accepted),
-            maximised at the last step; also the ASHA metric and the export default.
+        metric: objective kind ``all|old|new|avg`` (``miou_*`` accepted), maximised at the last
+            step run, on the split ``select_on``; also the ASHA metric and the export default.
+        select_on: ``val`` (default: the held-out validation split, see ``val_fraction``) or
+            ``test`` (the literature's protocol: tunes on the reported images; says so).
+        protocol: ``end-of-training`` (every step, select on the last) or ``first-step``
+            (step 1 only from the shared step 0, select on it; ``csseg final`` runs all steps).
+        only_points: run exactly ``points`` (no preset, no sampler): the re-evaluation of the
+            best trials over seeds by ``export-best --top K --seeds S``.
         objectives: two or more metrics for a multi-objective search (e.g. ``("old", "new")``);
             the Pareto front is reported. Empty = single objective ``metric``.
         scheduler: ``fifo`` or ``asha`` (stops weak trials at step boundaries).
@@ -95,6 +118,9 @@ class SweepSpec:
     trials: int = 20
     metric: str = "miou_all"
     objectives: tuple[str, ...] = ()
+    select_on: str = "val"
+    protocol: str = "end-of-training"
+    only_points: bool = False
     scheduler: str = "fifo"
     concurrency: int | None = None
     workers_per_trial: int = 1
@@ -149,6 +175,13 @@ class Plan:
     def multi_objective(self) -> bool:
         return len(self.objectives) > 1
 
+    def last_step(self, cell: GridCell) -> int:
+        """The last step a trial of ``cell`` runs (1 under the first-step protocol)."""
+        from csseg_core.scenarios import get_scenario
+
+        num_steps = get_scenario(cell.scenario).num_steps
+        return min(1, num_steps - 1) if self.spec.protocol == "first-step" else num_steps - 1
+
     def cell_seed(self, cell: GridCell) -> int:
         return self.spec.seed if cell.seed is None else cell.seed
 
@@ -167,6 +200,7 @@ def _check_storage(storage: str) -> Path:
 def _identity(spec: SweepSpec, method: str, metric: str, objectives: tuple, cells, space, points, overrides) -> dict:
     return {
         "method": method, "cells": [c.to_dict() for c in cells], "trials": spec.trials, "metric": metric,
+        "select_on": spec.select_on, "protocol": spec.protocol, "only_points": spec.only_points,
         "objectives": list(objectives), "scheduler": spec.scheduler, "seed": spec.seed, "profile": spec.profile,
         "data_root": spec.data_root, "overrides": overrides, "points": list(points),
         "space": {k: param_to_dict(v) for k, v in sorted(space.items())},
@@ -182,8 +216,10 @@ def plan_sweep(spec: SweepSpec) -> Plan:
     method = canonical(spec.method)
     if not isinstance(spec.trials, int) or spec.trials < 1:
         raise ConfigError(f"trials must be an integer >= 1 (got {spec.trials!r})")
-    metric = metric_name(spec.metric)
-    objectives = tuple(dict.fromkeys(metric_name(o) for o in spec.objectives))
+    if spec.protocol not in PROTOCOLS:
+        raise ConfigError(f"unknown protocol {spec.protocol!r}; choose one of: {', '.join(PROTOCOLS)}")
+    metric = metric_name(spec.metric, spec.select_on)
+    objectives = tuple(dict.fromkeys(metric_name(o, spec.select_on) for o in spec.objectives))
     if len(objectives) == 1:
         metric, objectives = objectives[0], ()
     if spec.scheduler not in SCHEDULERS:
@@ -202,7 +238,11 @@ def plan_sweep(spec: SweepSpec) -> Plan:
         raise ConfigError("storage must be a directory")
     cells = tuple(grid(spec.scenarios, spec.modes, spec.grid_seeds))
     overrides = dict(spec.overrides)
-    if spec.space is None:
+    if spec.only_points and not spec.points:
+        raise ConfigError("only_points needs at least one point to run")
+    if spec.only_points:
+        full_space, first = get_space(method) if spec.space is None else check_space(dict(spec.space)), []
+    elif spec.space is None:
         full_space, first = get_space(method), [preset(method)]
     else:
         full_space, first = check_space(dict(spec.space), where="custom search space"), []
@@ -214,8 +254,11 @@ def plan_sweep(spec: SweepSpec) -> Plan:
     points = tuple(json.loads(p) for p in points)
     for cell in cells:  # unknown keys / bad values fail here, before Ray starts
         for point in points or ({},):
-            resolve_config(cell.scenario, method, profile=spec.profile, mode=cell.mode, seed=cell.seed,
-                           data_root=spec.data_root, overrides={**overrides, **point})
+            cfg = resolve_config(cell.scenario, method, profile=spec.profile, mode=cell.mode, seed=cell.seed,
+                                 data_root=spec.data_root, overrides={**overrides, **point})
+            if spec.select_on == "val" and cfg.val_fraction <= 0:
+                raise ConfigError("val_fraction=0 leaves no validation split to select on; drop --set val_fraction=0 "
+                                  "or pass --select-on test")
     identity = _identity(spec, method, metric, objectives, cells, space, points, overrides)
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:10]
     name = spec.name or f"{method}-{digest}"

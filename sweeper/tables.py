@@ -64,7 +64,8 @@ def trial_row(meta: Mapping[str, Any], steps: list[dict], status: str, error: st
               wall_s: float | None) -> dict[str, Any]:
     """One ``trials.parquet`` row from the trial's meta data and its step rows.
 
-    ``status`` is ``ok`` only if every step finished; ``miou_*`` are those of the last
+    ``status`` is ``ok`` only if every step the trial was to run finished (all of them, or
+    step 1 under the first-step protocol); ``val_miou_*`` / ``miou_*`` are those of the last
     finished step (``final_step``); hyperparameters are ``param_<name>`` columns.
     """
     done = [r for r in steps if r.get("status") == "ok"]
@@ -77,6 +78,7 @@ def trial_row(meta: Mapping[str, Any], steps: list[dict], status: str, error: st
         "scenario": meta["scenario"], "mode": meta["mode"], "method": meta["method"],
         "profile": meta["profile"], "seed": meta["seed"], "status": status, "error": error,
         "steps_done": len(done), "num_steps": num_steps, "final_step": last.get("step"),
+        "protocol": meta.get("protocol") or "end-of-training",
     }
     for k in METRIC_KEYS:
         row[k] = last.get(k)

@@ -29,12 +29,13 @@ from ray import tune
 
 from csseg_core.config import ExperimentConfig, resolve_config
 from csseg_core.errors import first_line
+from csseg_core.metrics import ALL_METRICS
 from csseg_core.results import step_row
 
 from .cache import READY, Lease, lookup_cache, state_path
 from .tables import rows_dir, write_json, write_step_fragment
 
-SCALARS = ("step", "miou_all", "miou_old", "miou_new", "miou_avg", "val_miou", "wall_s", "images_per_s")
+SCALARS = ("step", *ALL_METRICS, "wall_s", "images_per_s")
 
 
 class TrialError(RuntimeError):
@@ -89,10 +90,11 @@ def train_worker(loop: dict) -> None:
             state = load_state(Path(d) / "state.pt")
     else:
         state, metrics0 = _step0(cfg, loop, rank, extra)
-    if cfg.num_steps == 1:  # nothing incremental: the step-0 result is the trial's result
+    last_step = int(loop.get("last_step", cfg.num_steps - 1))
+    if last_step == 0:  # nothing incremental: the step-0 result is the trial's result
         ray.train.report(scalar_metrics(metrics0 or {"step": 0}))
         return
-    for step in range(int(state["step"]) + 1, cfg.num_steps):
+    for step in range(int(state["step"]) + 1, last_step + 1):
         try:
             state, metrics = run_step(cfg, step, state, log_dir=tb_dir)
         except Exception as err:
@@ -164,6 +166,7 @@ def _step0(cfg: ExperimentConfig, loop: dict, rank: int, extra: dict) -> tuple[d
 def trial_config(ctx: dict, config: dict) -> tuple[ExperimentConfig, dict]:
     """The trial's ``ExperimentConfig`` and its searched values (``seed`` is a run seed, not a param)."""
     hp = dict(config)
+    hp.update(hp.pop("point", None) or {})  # a re-evaluated point (export-best --top/--seeds)
     seed = int(hp.pop("seed", ctx["seed"]))
     cfg = resolve_config(ctx["scenario"], ctx["method"], profile=ctx["profile"], mode=ctx["mode"], seed=seed,
                          data_root=ctx["data_root"], overrides={**ctx["overrides"], **hp})
@@ -192,7 +195,8 @@ def trial_driver(config: dict, ctx: dict) -> None:
     write_json(folder / "meta.json", {
         "sweep": ctx["sweep"], "cell": ctx["cell"], "trial_id": trial_id, "scenario": cfg.scenario,
         "mode": cfg.mode, "method": cfg.method, "profile": cfg.profile, "seed": cfg.seed,
-        "num_steps": cfg.num_steps, "hp": hp, "params": cfg.method_params, "config": cfg.to_dict()})
+        "num_steps": int(ctx.get("last_step", cfg.num_steps - 1)) + 1, "protocol": ctx.get("protocol"), "hp": hp,
+        "params": cfg.method_params, "config": cfg.to_dict()})
 
     workers, gpus, cpus = ctx["workers_per_trial"], ctx["gpus_per_worker"], ctx["cpus_per_worker"]
     per_worker = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
@@ -200,7 +204,8 @@ def trial_driver(config: dict, ctx: dict) -> None:
         train_worker,
         train_loop_config={
             "config": cfg.to_dict(), "sweep": ctx["sweep"], "sweep_dir": str(sweep_dir), "trial_id": trial_id,
-            "cell": ctx["cell"], "key0": cfg.step_key(0), "poll_s": ctx.get("poll_s", 1.0)},
+            "cell": ctx["cell"], "key0": cfg.step_key(0), "poll_s": ctx.get("poll_s", 1.0),
+            "last_step": int(ctx.get("last_step", cfg.num_steps - 1))},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpus > 0, resources_per_worker=per_worker),
         run_config=ray.train.RunConfig(
             name=trial_id, storage_path=str(sweep_dir / "train"),

@@ -15,6 +15,7 @@ from csseg_core.data import (
     EvalTransform,
     TrainTransform,
     build_datasets,
+    heldout_mask,
     keep_mask,
     label_lut,
     synth,
@@ -33,8 +34,11 @@ EXPECTED_VOC_STEP2 = {
     ("train", "disjoint"): [0, 0, 0, 17, 0, 0],
     ("train", "overlapped"): [0, 0, 0, 17, 0, 0],
     ("train", "sequential"): [0, 3, 16, 17, 0, 255],
-    ("val", "disjoint"): [0, 255, 255, 17, 255, 255],
-    ("val", "overlapped"): [0, 255, 255, 17, 255, 255],
+    ("current", "disjoint"): [0, 255, 255, 17, 255, 255],
+    ("current", "overlapped"): [0, 255, 255, 17, 255, 255],
+    ("current", "sequential"): [0, 3, 16, 17, 255, 255],
+    ("val", "disjoint"): [0, 3, 16, 17, 255, 255],  # held-out validation: test semantics
+    ("val", "overlapped"): [0, 3, 16, 17, 255, 255],
     ("val", "sequential"): [0, 3, 16, 17, 255, 255],
     ("test", "disjoint"): [0, 3, 16, 17, 255, 255],
     ("test", "overlapped"): [0, 3, 16, 17, 255, 255],
@@ -64,7 +68,8 @@ def test_label_map_ade() -> None:
     assert label_lut(sc, "disjoint", 1, "train")[raw].tolist() == [0, 0, 101, 150, 0]
     assert label_lut(sc, "overlapped", 1, "train")[raw].tolist() == [0, 0, 101, 150, 0]
     assert label_lut(sc, "sequential", 1, "train")[raw].tolist() == [0, 50, 101, 150, 255]
-    assert label_lut(sc, "disjoint", 1, "val")[raw].tolist() == [255, 255, 101, 150, 255]
+    assert label_lut(sc, "disjoint", 1, "current")[raw].tolist() == [255, 255, 101, 150, 255]
+    assert label_lut(sc, "disjoint", 1, "val")[raw].tolist() == [255, 50, 101, 150, 255]
     assert label_lut(sc, "disjoint", 1, "test")[raw].tolist() == [255, 50, 101, 150, 255]
     assert label_lut(sc, "disjoint", 0, "test")[raw].tolist() == [255, 50, 255, 255, 255]
 
@@ -75,8 +80,10 @@ EXPECTED_KEEP = {
     ("train", "disjoint"): [1, 1, 0, 0, 0, 1, 0, 0],
     ("train", "sequential"): [1, 1, 0, 0, 0, 1, 0, 0],
     ("train", "overlapped"): [1, 1, 1, 0, 0, 1, 0, 0],
-    ("val", "disjoint"): [1, 1, 1, 0, 0, 1, 0, 0],
-    ("val", "sequential"): [1, 1, 1, 0, 0, 1, 0, 0],
+    ("current", "disjoint"): [1, 1, 1, 0, 0, 1, 0, 0],
+    ("current", "sequential"): [1, 1, 1, 0, 0, 1, 0, 0],
+    ("val", "disjoint"): [1, 1, 1, 1, 0, 1, 0, 1],
+    ("val", "sequential"): [1, 1, 1, 1, 0, 1, 0, 1],
     ("test", "disjoint"): [1, 1, 1, 1, 0, 1, 0, 1],
     ("test", "overlapped"): [1, 1, 1, 1, 0, 1, 0, 1],
 }
@@ -128,24 +135,30 @@ def _raw_presence(root: Path, split: str) -> dict[str, set[int]]:
 
 @pytest.mark.parametrize("mode", ["disjoint", "overlapped", "sequential"])
 def test_build_views_match_filters_and_maps(voc_root: Path, tmp_path: Path, mode: str) -> None:
-    ds = build_datasets("voc", voc_root, "voc-15-1", mode, 1, crop_size=32, cache_dir=tmp_path)
-    assert set(ds) == {"train", "val", "test"}
+    ds = build_datasets("voc", voc_root, "voc-15-1", mode, 1, crop_size=32, cache_dir=tmp_path,
+                        splits=("train", "val", "test", "current"), val_fraction=0.3)
+    assert set(ds) == {"train", "val", "test", "current"}
     train_sets = _raw_presence(voc_root, "train")
+    held = dict(zip(train_sets, heldout_mask(list(train_sets), 0.3)))
     allowed = set(range(17)) | {255}
-    want = [i for i, s in train_sets.items() if 16 in s and (mode == "overlapped" or s <= allowed)]
+    want = [i for i, s in train_sets.items() if 16 in s and (mode == "overlapped" or s <= allowed) and not held[i]]
     assert list(ds["train"].ids) == want and len(ds["train"]) == len(want)
-    val_sets = _raw_presence(voc_root, "val")
-    assert list(ds["val"].ids) == [i for i, s in val_sets.items() if 16 in s]
-    assert list(ds["test"].ids) == [i for i, s in val_sets.items() if s & set(range(1, 17))]
+    assert list(ds["val"].ids) == [i for i, s in train_sets.items() if held[i] and s & set(range(1, 17))]
+    assert ds["val"].ids and not set(ds["val"].ids) & set(ds["train"].ids)
+    test_sets = _raw_presence(voc_root, "val")
+    assert list(ds["current"].ids) == [i for i, s in test_sets.items() if 16 in s]
+    assert list(ds["test"].ids) == [i for i, s in test_sets.items() if s & set(range(1, 17))]
     image, label = ds["train"][0]
     assert image.shape == (3, 32, 32) and image.dtype == torch.float32
     assert label.shape == (32, 32) and label.dtype == torch.int64
     train_ok = {0, 16} | (set(range(1, 16)) | {255} if mode == "sequential" else set())
     for k in range(len(ds["train"])):
         assert set(np.unique(ds["train"].raw(k)[1]).tolist()) <= train_ok
-    assert set(np.unique(ds["val"].raw(0)[1]).tolist()) <= {0, 16, 255} | (
+    assert set(np.unique(ds["current"].raw(0)[1]).tolist()) <= {0, 16, 255} | (
         set(range(1, 16)) if mode == "sequential" else set()
     )
+    for k in range(len(ds["val"])):  # test semantics: every seen class, future ones ignored
+        assert set(np.unique(ds["val"].raw(k)[1]).tolist()) <= set(range(17)) | {255}
 
 
 def test_eval_crop_and_full(voc_root: Path, tmp_path: Path) -> None:
@@ -394,3 +407,47 @@ def test_train_transform_keeps_image_and_label_aligned() -> None:
         assert (bright == (lbl == 1)).float().mean() > 0.9
     img, lbl = EvalTransform(20)(image, label)
     assert img.shape == (3, 20, 20) and lbl.dtype == torch.int64
+
+
+# ---------------------------------------------------------------- held-out validation split
+def test_heldout_mask_depends_on_ids_and_fraction_only() -> None:
+    ids = [f"img{i:05d}" for i in range(4000)]
+    m = heldout_mask(ids, 0.15)
+    assert 0.13 < m.mean() < 0.17
+    assert np.array_equal(heldout_mask(ids[::-1], 0.15), m[::-1])  # order does not matter
+    assert not np.any(heldout_mask(ids, 0.10) & ~m)  # nested: a smaller fraction is a subset
+    assert not heldout_mask(ids, 0.0).any()
+    with pytest.raises(ConfigError, match="val_fraction"):
+        heldout_mask(ids, 1.0)
+
+
+@pytest.mark.parametrize("scenario", ["voc-15-1", "voc-10-10", "voc-offline"])
+def test_heldout_images_never_reach_a_training_batch(voc_root: Path, tmp_path: Path, scenario: str) -> None:
+    """At every step of every mode (and with an index_dir partition) the train view and
+    every batch its loader yields hold no held-out image; the val view is the held-out set."""
+    from csseg_core.config import resolve_config
+    from csseg_core.engine import _loader
+
+    sc = get_scenario(scenario)
+    train_ids = list(_raw_presence(voc_root, "train"))
+    held = {i for i, h in zip(train_ids, heldout_mask(train_ids, 0.2)) if h}
+    index_dir = tmp_path / "index"
+    index_dir.mkdir()
+    for step in range(sc.num_steps):  # a partition that (wrongly) lists every image at every step
+        (index_dir / f"train-{step}.txt").write_text("\n".join(train_ids))
+    for mode in ("disjoint", "overlapped", "sequential"):
+        for step in range(sc.num_steps):
+            for idx in (None, index_dir):
+                try:
+                    ds = build_datasets("voc", voc_root, sc, mode, step, crop_size=16, cache_dir=tmp_path,
+                                        index_dir=idx, val_fraction=0.2)
+                except DataError:  # a step this tiny set has no image for
+                    continue
+                assert not held & set(ds["train"].ids), (mode, step)
+                assert set(ds["val"].ids) <= held
+                cfg = resolve_config(sc.name, "ft", overrides={"batch_size": 4})
+                seen = set()
+                loader = _loader(ds["train"], cfg, train=True, seed=step)
+                for batch_indices in loader.batch_sampler:  # the indices of every batch, no decoding
+                    seen |= {ds["train"].ids[i] for i in batch_indices}
+                assert seen and not seen & held, (mode, step)

@@ -33,7 +33,8 @@ from csseg_core.state import load_state, save_state
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SCENARIO = "voc-15-5"
-METRIC_KEYS = {"step", "miou_all", "miou_old", "miou_new", "miou_avg", "class_iou", "losses", "wall_s", "images_per_s",
+METRIC_KEYS = {"step", "miou_all", "miou_old", "miou_new", "miou_avg", "class_iou", "val_miou_all", "val_miou_old",
+               "val_miou_new", "val_miou_avg", "val_class_iou", "losses", "wall_s", "images_per_s",
                "n_train_images"}
 
 
@@ -74,7 +75,7 @@ def _same(a, b) -> bool:
 # ----------------------------------------------------------------------------- determinism
 def test_same_seed_gives_identical_step0(step0_runs):
     (sa, ma), (sb, mb) = step0_runs["a"], step0_runs["b"]
-    for key in METRIC_KEYS - {"wall_s", "images_per_s"} | {"val_miou", "iterations", "class_acc", "overall_acc"}:
+    for key in METRIC_KEYS - {"wall_s", "images_per_s"} | {"val_miou_all", "val_miou_old", "val_class_iou", "iterations", "class_acc", "overall_acc"}:
         assert _same(ma[key], mb[key]), key
     assert _weights_equal(sa["model"], sb["model"])
     assert _same(sa["statistics"], sb["statistics"])
@@ -108,7 +109,7 @@ def test_saved_state_continues_identically(step0_runs, make_cfg, tmp_path):
     cfg = make_cfg("sdr")
     s_mem, m_mem = run_step(cfg, 1, state)
     s_disk, m_disk = run_step(cfg, 1, reloaded)
-    for key in METRIC_KEYS - {"wall_s", "images_per_s"} | {"val_miou", "iterations"}:
+    for key in METRIC_KEYS - {"wall_s", "images_per_s"} | {"val_miou_all", "val_miou_avg", "iterations"}:
         assert _same(m_mem[key], m_disk[key]), key
     assert _weights_equal(s_mem["model"], s_disk["model"])
     assert _same(s_mem["statistics"], s_disk["statistics"])
@@ -261,7 +262,7 @@ def test_run_scenario_writes_config_checkpoints_and_rows(scenario_run):
     assert any((out / "tensorboard").iterdir())
     # step 0 came from the faulty run (same step-0 key), step 1 was trained now
     assert r["lines"][0].startswith(f"step 0: reusing step0-{cfg.step_key(0)}.pt")
-    assert r["lines"][1].startswith("step 1: all ")
+    assert r["lines"][1].startswith("step 1: val all ") and "| test all " in r["lines"][1]
     rows = r["rows"]
     assert [row["step"] for row in rows] == [0, 1]
     for row in rows:

@@ -252,7 +252,7 @@ def test_step0_state_does_not_depend_on_method_hyperparameters(make_cfg, step0):
 def test_step1_is_deterministic_for_one_seed(step1, make_cfg, step0):
     _, state, metrics = step1("sdr")
     again_state, again = run_step(make_cfg("sdr"), 1, step0[0])
-    for key in ("miou_all", "miou_old", "miou_new", "miou_avg", "val_miou", "losses", "class_iou", "iterations"):
+    for key in ("miou_all", "miou_old", "miou_new", "miou_avg", "val_miou_all", "val_miou_new", "val_class_iou", "losses", "class_iou", "iterations"):
         assert _same(again[key], metrics[key]), key
     assert _weights_equal(again_state["model"], state["model"])
     assert _same(again_state["statistics"], state["statistics"])

@@ -43,7 +43,7 @@ def views(draw):
     """(scenario, mode, step, split)."""
     sc = draw(st.sampled_from(SCENARIOS))
     return sc, draw(st.sampled_from(MODES)), draw(st.integers(0, sc.num_steps - 1)), \
-        draw(st.sampled_from(("train", "val", "test")))
+        draw(st.sampled_from(("train", "val", "test", "current")))
 
 
 def _sets(sc, step):
@@ -89,17 +89,18 @@ def test_eval_luts_never_map_unseen_ids_to_seen_indices(view):
     sc, mode, step, _ = view
     cur, old, inv = _sets(sc, step)
     seen = cur | old
-    for split in ("val", "test"):
+    for split in ("val", "test", "current"):
         lut = label_lut(sc, mode, step, split)
         unseen = [i for i in range(1, 256) if i not in seen]
         assert all(lut[i] == 255 for i in unseen), (sc.name, mode, step, split)
         assert lut[0] == (255 if sc.dataset == "ade" else 0)
     test = label_lut(sc, mode, step, "test")
     assert all(test[c] == inv[c] for c in seen)
-    val = label_lut(sc, mode, step, "val")
-    assert all(val[c] == inv[c] for c in cur)
+    assert np.array_equal(label_lut(sc, mode, step, "val"), test)  # held-out validation = test semantics
+    current = label_lut(sc, mode, step, "current")
+    assert all(current[c] == inv[c] for c in cur)
     if mode != "sequential":
-        assert all(val[c] == 255 for c in old)
+        assert all(current[c] == 255 for c in old)
 
 
 @PROFILE
@@ -131,9 +132,9 @@ def test_keep_mask_filters(view, data):
     keep = keep_mask(presence, sc, mode, step, split)
     assert keep.dtype == bool and keep.shape == (n_img,)
     has = lambda cls: presence[:, sorted(cls)].any(axis=1) if cls else np.zeros(n_img, bool)  # noqa: E731
-    if split == "test":
+    if split in ("test", "val"):
         assert np.array_equal(keep, has(cur | old))
-    elif split == "val" or mode == "overlapped":
+    elif split == "current" or mode == "overlapped":
         assert np.array_equal(keep, has(cur))
     else:
         assert not np.any(keep & has(future)), "disjoint/sequential keep an image with a future class"

@@ -42,6 +42,12 @@ def test_spec_name_is_a_hash_of_identity_not_resources(tmp_path):
     ({"workers_per_trial": 0}, "workers_per_trial"),
     ({"objectives": ("old", "newest")}, "unknown metric"),
     ({"name": "a b"}, "sweep name"),
+    ({"select_on": "train"}, "--select-on"),
+    ({"protocol": "first-task"}, "unknown protocol"),
+    ({"metric": "val_miou_all", "select_on": "test"}, "validation metric"),
+    ({"overrides": {"val_fraction": 0}}, "val_fraction=0"),
+    ({"overrides": {"val_fraction": 1.5}}, "val_fraction"),
+    ({"only_points": True}, "only_points"),
 ])
 def test_spec_validation_is_one_line(tmp_path, kwargs, match):
     spec = SweepSpec(**{"scenarios": "voc-15-1", "method": "sdr", "storage": str(tmp_path), **kwargs})
@@ -70,7 +76,11 @@ def test_overrides_pin_keys_and_objectives_normalise(tmp_path):
     plan = plan_sweep(SweepSpec(scenarios="voc-15-1", method="sdr", storage=str(tmp_path),
                                 overrides={"kd": 10, "epochs": 1}, objectives="old,new"))
     assert "kd" not in plan.space and "kd" not in plan.points[0]
-    assert plan.objectives == ("miou_old", "miou_new") and plan.multi_objective
+    assert plan.objectives == ("val_miou_old", "val_miou_new") and plan.multi_objective
+    assert plan_sweep(SweepSpec(scenarios="voc-15-1", storage=str(tmp_path), metric="miou_new")).metric == "val_miou_new"
+    on_test = plan_sweep(SweepSpec(scenarios="voc-15-1", storage=str(tmp_path), select_on="test"))
+    assert on_test.metric == "miou_all" and on_test.name != plan_sweep(SweepSpec(scenarios="voc-15-1",
+                                                                                 storage=str(tmp_path))).name
     ft = plan_sweep(SweepSpec(scenarios="voc-15-1", method="ft", storage=str(tmp_path)))
     assert ft.space == {} and ft.points == ()
     custom = plan_sweep(SweepSpec(scenarios="voc-19-1", method="lwf", storage=str(tmp_path),
@@ -111,7 +121,9 @@ def test_train_env_speeds_up_trials_and_yields_to_the_user(monkeypatch):
 
 
 # ---------------------------------------------------------------------------- fake sweep
-def _fake_trial(sweep_dir, cell_scenario, trial_id, kd, finals, *, fail_at=None):
+def _fake_trial(sweep_dir, cell_scenario, trial_id, kd, finals, *, fail_at=None, val=None):
+    """``finals`` = test (all, old, new); ``val`` = validation (all, old, new), default = test."""
+    val = val or finals
     cfg = resolve_config(cell_scenario, "lwf", profile="smoke", mode="disjoint", seed=0,
                          overrides={"kd": kd, "epochs": 1})
     cell = f"{cell_scenario}-disjoint"
@@ -128,6 +140,8 @@ def _fake_trial(sweep_dir, cell_scenario, trial_id, kd, finals, *, fail_at=None)
             return cell
         m = {"step": step, "miou_all": finals[0], "miou_old": finals[1], "miou_new": finals[2] if step else math.nan,
              "miou_avg": finals[0], "class_iou": [0.5, math.nan, 0.25], "losses": {"ce": 0.1, "kd": 0.2},
+             "val_miou_all": val[0], "val_miou_old": val[1], "val_miou_new": val[2] if step else math.nan,
+             "val_miou_avg": val[0], "val_class_iou": [0.4, math.nan, 0.2],
              "wall_s": 1.0, "images_per_s": 10.0, "n_train_images": 5}
         write_step_fragment(sweep_dir, trial_id, step_row(cfg, m, status="ok", cached=step == 0, **extra))
     write_json(rows_dir(sweep_dir, trial_id) / "trial.json", {"status": "ok", "error": None, "wall_s": 3.0})
@@ -137,11 +151,12 @@ def _fake_trial(sweep_dir, cell_scenario, trial_id, kd, finals, *, fail_at=None)
 @pytest.fixture
 def fake_sweep(tmp_path):
     d = tmp_path / "fake"
-    identity = {"metric": "miou_all", "objectives": [], "overrides": {"epochs": 1},
+    identity = {"metric": "val_miou_all", "objectives": [], "overrides": {"epochs": 1}, "select_on": "val",
                 "space": {"kd": {"kind": "loguniform", "lo": 1, "hi": 100}}, "data_root": None}
     write_json(d / "sweep.json", {"name": "fake", "identity": identity})
-    _fake_trial(d, "voc-19-1", "t1", 100.0, (0.5, 0.6, 0.1))
-    _fake_trial(d, "voc-19-1", "t2", 10.0, (0.7, 0.5, 0.3))
+    # t2 is best on test, t1 on validation: selection must follow validation
+    _fake_trial(d, "voc-19-1", "t1", 100.0, (0.5, 0.6, 0.1), val=(0.8, 0.7, 0.2))
+    _fake_trial(d, "voc-19-1", "t2", 10.0, (0.7, 0.5, 0.3), val=(0.6, 0.4, 0.3))
     _fake_trial(d, "voc-19-1", "t3", 3.0, (0.0, 0.0, 0.0), fail_at=1)
     _fake_trial(d, "voc-15-5", "t4", 20.0, (0.4, 0.45, 0.2))
     for t in ("t1", "t2", "t3", "t4"):
@@ -158,9 +173,11 @@ def test_tables_have_one_row_per_trial_and_step(fake_sweep):
     by_id = {r["trial_id"]: r for r in read_table(fake_sweep, TRIALS)}
     assert by_id["t3"]["status"] == "error" and "NaN" in by_id["t3"]["error"] and by_id["t3"]["steps_done"] == 1
     assert by_id["t2"]["status"] == "ok" and by_id["t2"]["param_kd"] == 10.0 and by_id["t2"]["miou_all"] == 0.7
+    assert by_id["t2"]["val_miou_all"] == 0.6 and by_id["t1"]["val_miou_old"] == 0.7
     schema = pq.read_schema(fake_sweep / STEPS)
     for col in ("sweep", "trial_id", "cell", "status", "error", "step", "miou_all", "miou_old", "miou_new",
-                "miou_avg", "class_iou", "param_kd", "loss_ce", "wall_s", "images_per_s"):
+                "miou_avg", "class_iou", "val_miou_all", "val_miou_old", "val_miou_new", "val_miou_avg",
+                "val_class_iou", "val_fraction", "param_kd", "loss_ce", "wall_s", "images_per_s"):
         assert col in schema.names, col
     assert str(schema.field("class_iou").type).startswith("list")
     assert not [p for p in fake_sweep.iterdir() if p.name.endswith(".tmp")]
@@ -177,12 +194,18 @@ def test_a_retried_step_replaces_its_row(fake_sweep):
     assert [(r["step"], r["status"]) for r in rows] == [(0, "ok"), (1, "ok")]
 
 
-def test_leaderboard_ranks_finished_trials_per_cell(fake_sweep):
-    rows = leaderboard(fake_sweep, "miou_all")
+def test_leaderboard_ranks_finished_trials_per_cell_on_validation(fake_sweep):
+    rows = leaderboard(fake_sweep, "miou_all")  # the kind: the split is the sweep's (validation)
     assert [(r["cell"], r["rank"], r["trial_id"]) for r in rows] == [
-        ("voc-19-1-disjoint", 1, "t2"), ("voc-19-1-disjoint", 2, "t1"), ("voc-15-5-disjoint", 1, "t4")]
-    assert rows[0]["kd"] == 10.0 and rows[0]["pareto"] and rows[1]["pareto"]  # t1 wins on old, t2 on new
-    assert [r["trial_id"] for r in leaderboard(fake_sweep, "old", top=1)] == ["t1", "t4"]
+        ("voc-19-1-disjoint", 1, "t1"), ("voc-19-1-disjoint", 2, "t2"), ("voc-15-5-disjoint", 1, "t4")]
+    assert rows[0]["metric"] == "val_miou_all" and rows[0]["select_on"] == "val"
+    assert rows[0]["kd"] == 100.0 and rows[0]["pareto"] and rows[1]["pareto"]  # t1 wins on old, t2 on new
+    assert rows[0]["miou_all"] == 0.5 and rows[0]["val_miou_all"] == 0.8  # test shown beside validation
+    assert [r["trial_id"] for r in leaderboard(fake_sweep, "new", top=1)] == ["t2", "t4"]
+    test_rows = leaderboard(fake_sweep, "all", select_on="test")  # explicit: the literature's protocol
+    assert [r["trial_id"] for r in test_rows][:2] == ["t2", "t1"] and test_rows[0]["metric"] == "miou_all"
+    with pytest.raises(ConfigError, match="validation metric"):
+        leaderboard(fake_sweep, "val_miou_all", select_on="test")
 
 
 def test_pareto_front():
@@ -196,11 +219,17 @@ def test_export_best_writes_loadable_yaml(fake_sweep, tmp_path):
     assert [c["scenario"] for c in doc["cells"]] == ["voc-19-1", "voc-15-5"]
     first = doc["cells"][0]
     assert set(first) >= {"scenario", "mode", "method", "profile", "seed", "params", "metrics", "command"}
-    assert first["params"] == {"epochs": 1, "kd": 10.0} and first["metrics"]["miou_all"] == 0.7
+    assert first["params"] == {"epochs": 1, "kd": 100.0} and first["metrics"]["val_miou_all"] == 0.8
+    assert first["metrics"]["miou_all"] == 0.5 and first["selected_on"] == "val" and first["metric"] == "val_miou_all"
+    assert first["protocol"] == "end-of-training" and first["selected_at_step"] == 1
     assert first["command"] == f"csseg train voc-19-1 --method lwf --mode disjoint --config {out}"
     entries = load_best(out)
     cfg = best_config(entries[0])
-    assert cfg.method_params["kd"] == 10.0 and cfg.epochs == 1 and cfg.seed == 0 and cfg.scenario == "voc-19-1"
+    assert cfg.method_params["kd"] == 100.0 and cfg.epochs == 1 and cfg.seed == 0 and cfg.scenario == "voc-19-1"
+    on_test = yaml.safe_load(export_best(fake_sweep, None, tmp_path / "t.yaml", select_on="test").read_text())
+    assert on_test["cells"][0]["trial_id"] == "t2" and on_test["cells"][0]["selected_on"] == "test"
+    with pytest.raises(ConfigError, match="--seeds"):
+        export_best(fake_sweep, None, tmp_path / "x.yaml", top=3)
     one = export_best(fake_sweep, "old", tmp_path / "one.yaml")  # single cell -> a plain mapping
     assert len(load_best(one)) == 2
     with pytest.raises(ConfigError):
@@ -219,6 +248,28 @@ def test_export_single_cell_is_a_mapping(tmp_path):
 
 
 # ---------------------------------------------------------------------------- tune config
+def test_first_step_protocol_and_only_points(tmp_path):
+    from sweeper.runner import _cell_ctx, tune_config
+
+    plan = plan_sweep(SweepSpec(scenarios="voc-15-1,voc-offline", method="sdr", trials=4, storage=str(tmp_path),
+                                protocol="first-step", scheduler="asha"))
+    assert [plan.last_step(c) for c in plan.cells] == [1, 0]
+    assert _cell_ctx(plan, plan.cells[0])["last_step"] == 1
+    plan.sweep_dir.mkdir(parents=True)
+    config, _ = tune_config(plan, plan.cells[0], concurrency=2)
+    assert config.scheduler is None  # one incremental step: nothing for ASHA to stop
+    full = plan_sweep(SweepSpec(scenarios="voc-15-1", method="sdr", trials=4, storage=str(tmp_path)))
+    assert full.last_step(full.cells[0]) == 5 and full.name != plan.name
+    points = ({"kd": 3.0}, {"kd": 30.0})
+    reeval = plan_sweep(SweepSpec(scenarios="voc-15-1", method="sdr", storage=str(tmp_path), only_points=True,
+                                  points=points, grid_seeds=(0, 1), space={"kd": LogUniform(1, 100)}))
+    assert [c.seed for c in reeval.cells] == [0, 1] and reeval.points == points  # no preset added
+    reeval.sweep_dir.mkdir(parents=True)
+    config, param_space = tune_config(reeval, reeval.cells[0], concurrency=2)
+    assert config.search_alg is None and config.num_samples == 1
+    assert param_space == {"point": {"grid_search": [{"kd": 3.0}, {"kd": 30.0}]}}
+
+
 def test_tune_config_single_multi_objective_asha_and_ft(tmp_path):
     from sweeper.runner import tune_config
 
@@ -228,11 +279,11 @@ def test_tune_config_single_multi_objective_asha_and_ft(tmp_path):
     config, param_space = tune_config(plan, plan.cells[0], concurrency=2)
     assert param_space is None and config.num_samples == 7 and config.max_concurrent_trials == 2
     searcher = config.search_alg
-    assert searcher.metric == ["miou_old", "miou_new"] and searcher.mode == ["max", "max"]
+    assert searcher.metric == ["val_miou_old", "val_miou_new"] and searcher.mode == ["max", "max"]
     assert searcher._points_to_evaluate == [dict(plan.points[0])]
     assert (plan.sweep_dir / "optuna-voc-15-1-disjoint.log").exists()
     asha = config.scheduler
-    assert asha._time_attr == "step" and asha._metric == "miou_all" and asha._max_t == 5
+    assert asha._time_attr == "step" and asha._metric == "val_miou_all" and asha._max_t == 5
     config, _ = tune_config(plan, plan.cells[1], concurrency=1)  # voc-19-1: one incremental step, no ASHA
     assert config.scheduler is None
     ft = plan_sweep(SweepSpec(scenarios="voc-15-1", method="ft", trials=3, storage=str(tmp_path), seed=5))

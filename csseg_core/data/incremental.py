@@ -11,21 +11,35 @@ train       disjoint / sequential: >=1 ``cur`` and   disjoint / overlapped: ``cu
             every id in ``cur | old | {0, 255}``;    everything else (old, future, 255) -> 0.
             overlapped: >=1 ``cur``                  sequential: ``cur | old`` -> idx,
                                                      255 -> 255, future -> 0 (*)
-val         >=1 ``cur`` (always the overlap filter)  0 and ``cur`` -> idx (sequential: also
+current     >=1 ``cur`` (always the overlap filter)  0 and ``cur`` -> idx (sequential: also
                                                      ``old``), the rest -> 255
 test        >=1 seen class (``cur | old``)           0 and seen -> idx, unseen -> 255
+val         as test                                  as test
 =========== ======================================== =========================================
 
 (*) the reference maps unknown ids to 255 in sequential mode; the disjoint filter it shares
 excludes future classes, so the choice only matters with an ``index_dir`` partition, where
 we treat unlabelled future objects like the other modes do (background).
 ADE: id 0 ("other") -> 0 at train and -> 255 at val/test (ignored; index 0 still exists).
-val/test read VOC ``val`` / ADE ``validation``. The remap is a 256-entry uint8 lookup table.
+The remap is a 256-entry uint8 lookup table.
+
+Where the images come from (one rule for VOC, ADE and the synthetic sets):
+
+* ``test`` and ``current`` read the dataset's evaluation images (VOC ``val``, ADE
+  ``validation``). ``current`` is the reference code's "val" view (only the step's classes);
+  ``test`` is what every paper reports.
+* ``val`` is the **held-out validation split**: a fraction ``val_fraction`` of the dataset's
+  *train* list (VOC ``train_aug``/``train``, ADE ``training``), chosen by a hash of each image
+  id (:func:`heldout_mask`), so it depends on the dataset and the fraction only, never on a
+  seed or a method. It is evaluated with test semantics. ``train`` never holds one of these
+  images, at any step, in any mode, with or without an ``index_dir`` partition. Sweeps select
+  on ``val``; ``test`` is only reported.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -40,7 +54,9 @@ from csseg_core.data.transforms import EvalTransform, TrainTransform
 from csseg_core.errors import ConfigError, DataError
 from csseg_core.scenarios import Scenario, check_mode, get_scenario
 
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "test", "current")
+DEFAULT_SPLITS = ("train", "val", "test")
+DEFAULT_VAL_FRACTION = 0.15
 READERS = {"voc": voc, "ade": ade}
 
 
@@ -56,13 +72,14 @@ def label_lut(scenario: Scenario, mode: str, step: int, split: str) -> np.ndarra
         scenario: The scenario.
         mode: ``disjoint``, ``overlapped`` or ``sequential``.
         step: Step index.
-        split: ``train``, ``val`` or ``test``.
+        split: ``train``, ``val``, ``test`` or ``current`` (``val`` = ``test`` semantics).
 
     Returns:
         uint8 array of length 256; apply as ``lut[label]``.
     """
     mode = check_mode(mode)
     _check_split(split)
+    split = "test" if split == "val" else split
     inv = {c: i for i, c in enumerate(scenario.order)}
     cur, old = scenario.labels(step), scenario.labels_old(step)
     if split == "train":
@@ -72,7 +89,7 @@ def label_lut(scenario: Scenario, mode: str, step: int, split: str) -> np.ndarra
             lut[255] = 255
     else:
         lut = np.full(256, 255, dtype=np.uint8)
-        keep = cur if (split == "val" and mode != "sequential") else old + cur
+        keep = cur if (split == "current" and mode != "sequential") else old + cur
     for c in keep:
         lut[c] = inv[c]
     lut[0] = 255 if (split != "train" and scenario.dataset == "ade") else 0
@@ -89,23 +106,46 @@ def keep_mask(
         scenario: The scenario.
         mode: ``disjoint``, ``overlapped`` or ``sequential``.
         step: Step index.
-        split: ``train``, ``val`` or ``test``.
+        split: ``train``, ``val``, ``test`` or ``current`` (``val`` = ``test`` semantics).
 
     Returns:
         Bool vector of length ``N``.
     """
     mode = check_mode(mode)
     _check_split(split)
+    split = "test" if split == "val" else split
     presence = np.asarray(presence, dtype=bool).reshape(-1, 256)
     cur, old = list(scenario.labels(step)), list(scenario.labels_old(step))
     if split == "test":
         return presence[:, old + cur].any(axis=1)
     has_cur = presence[:, cur].any(axis=1)
-    if split == "val" or mode == "overlapped":
+    if split == "current" or mode == "overlapped":
         return has_cur
     allowed = np.zeros(256, dtype=bool)
     allowed[[0, 255] + old + cur] = True
     return has_cur & ~(presence & ~allowed).any(axis=1)
+
+
+def heldout_mask(ids: tuple[str, ...] | list[str], fraction: float) -> np.ndarray:
+    """Which train images are held out for validation: ``hash(id) < fraction``.
+
+    The choice of each image depends on its id and the fraction only (SHA-1 of the id mapped
+    to [0, 1)), so it is the same for every seed, method, scenario and step, stable when the
+    list is reordered or grows, and nested: a larger fraction holds out a superset.
+
+    Args:
+        ids: Image ids of the train split.
+        fraction: Fraction in [0, 1) to hold out; 0 holds out nothing.
+
+    Returns:
+        Bool vector of length ``len(ids)``.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ConfigError(f"val_fraction must be in [0, 1) (got {fraction}); e.g. --set val_fraction=0.15")
+    if fraction == 0.0:
+        return np.zeros(len(ids), dtype=bool)
+    u = np.array([int.from_bytes(hashlib.sha1(i.encode()).digest()[:8], "big") for i in ids], dtype=np.uint64)
+    return (u >> np.uint64(11)).astype(np.float64) / float(1 << 53) < fraction
 
 
 def read_index_list(index_dir: str | Path, step: int, ids: tuple[str, ...]) -> np.ndarray:
@@ -270,10 +310,11 @@ def build_datasets(
     crop_val: bool = True,
     cache_dir: str | Path | None = None,
     index_dir: str | Path | None = None,
-    splits: tuple[str, ...] = SPLITS,
+    splits: tuple[str, ...] = DEFAULT_SPLITS,
     cache_images: bool = False,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
 ) -> dict[str, IncrementalSegmentation]:
-    """Build the train / val / test views of one step.
+    """Build the train / val / test (/ current) views of one step (see the module docstring).
 
     Args:
         dataset: ``"voc"`` or ``"ade"``.
@@ -285,8 +326,10 @@ def build_datasets(
         crop_val: Resize + centre-crop val/test images (reference default) or keep them whole.
         cache_dir: Filter cache folder (default ``$CSSEG_HOME/filters``).
         index_dir: Optional per-step train lists (``train-<step>.npy``/``.txt``).
-        splits: Which splits to build.
+        splits: Which splits to build (default ``train``, ``val``, ``test``).
         cache_images: Keep decoded images in memory (small / synthetic data).
+        val_fraction: Fraction of the train list held out as ``val`` (never trained on);
+            0 holds out nothing and then ``val`` cannot be built.
 
     Returns:
         ``{split: dataset}``; each dataset exposes ``ids`` and ``__len__``.
@@ -309,11 +352,23 @@ def build_datasets(
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else cache.default_cache_dir()
     reader = READERS[dataset]
     out: dict[str, IncrementalSegmentation] = {}
+    held: np.ndarray | None = None
+    if "val" in splits and val_fraction <= 0:
+        raise ConfigError("val_fraction=0 holds out no validation images; set --set val_fraction=0.15 "
+                          "or evaluate on test only")
     for split in splits:
-        files = reader.split_files(root, split)
+        files = reader.split_files(root, "train" if split in ("train", "val") else "test")
         idx = filter_indices(dataset, files, sc, mode, step, split, cache_dir, index_dir)
+        if split in ("train", "val"):
+            if held is None:
+                held = heldout_mask(files.ids, val_fraction)
+            idx = idx[held[idx]] if split == "val" else idx[~held[idx]]
+        if idx.size == 0 and split == "val":
+            raise DataError(
+                f"scenario {sc.name}, mode {mode}, step {step}: val_fraction={val_fraction} holds out no image "
+                f"of {files.source} with a seen class; raise --set val_fraction (default {DEFAULT_VAL_FRACTION})")
         if idx.size == 0:
-            what = "a seen class" if split == "test" else f"a class of step {step}"
+            what = f"a class of step {step}" if split in ("train", "current") else "a seen class"
             raise DataError(
                 f"scenario {sc.name}, mode {mode}, step {step}: the {split} split is empty after "
                 f"filtering (none of the {len(files.ids)} images of {files.source} holds {what}); "
