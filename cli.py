@@ -437,13 +437,14 @@ def final(best: Path = typer.Argument(..., help="A file written by `csseg export
 
     summaries = run_final(best, seeds, out_dir=out, data_root=str(data_root) if data_root else None, progress=progress,
                           scenarios=_csv(scenarios) or None)
-    table = Table(title=f"final runs over {seeds} seed(s) (mIoU %, last step, mean ± std)")
-    for col in ("tuned on", "run on", "method", "split", "all", "old", "new", "avg"):
+    table = Table(title=f"final runs of {summaries[0]['method']} over {seeds} seed(s) (mIoU %, last step, mean ± std)",
+                  caption="* a scenario / class order the sweep never saw (transfer)")
+    for col in ("tuned on", "run on", "split", "all", "old", "new", "avg"):
         table.add_column(col)
     for s in summaries:
         m = s["metrics"]
         for split, prefix in (("val", "val_"), ("test", "")):
-            table.add_row(s["cell"], s["scenario"] + (" (transfer)" if s["transfer"] else ""), s["method"], split,
+            table.add_row(s["cell"], s["scenario"] + ("*" if s["transfer"] else ""), split,
                           *(f"{pct(m[prefix + k]['mean'])} ± {pct(m[prefix + k]['std'])}" for k in
                             ("miou_all", "miou_old", "miou_new", "miou_avg")))
     console.print(table)

@@ -48,13 +48,15 @@ def _point_key(hp: dict) -> str:
 def _share_step0(src: Path, dst: Path) -> None:
     """Make the sweep's step-0 files visible to the re-evaluation (same keys, no retraining)."""
     dst.mkdir(parents=True, exist_ok=True)
-    for f in src.glob("*.pt") if src.is_dir() else []:
-        target = dst / f.name
-        if not target.exists():
-            try:
-                os.link(f, target)
-            except OSError:
-                shutil.copyfile(f, target)
+    for state in src.glob("*.pt") if src.is_dir() else []:
+        meta = state.with_suffix(".json")  # the cache loads a key only with its metrics file
+        for f in (state, meta) if meta.exists() else ():
+            target = dst / f.name
+            if not target.exists():
+                try:
+                    os.link(f, target)
+                except OSError:
+                    shutil.copyfile(f, target)
 
 
 def _cell_spec(info: dict, cell_entries: list[dict], seeds: list[int], metric: str, select_on: str,
@@ -70,7 +72,7 @@ def _cell_spec(info: dict, cell_entries: list[dict], seeds: list[int], metric: s
     space = {k: param_from_dict(v) for k, v in identity.get("space", {}).items()}
     return SweepSpec(
         scenarios=(cell_entries[0]["scenario"],), modes=(cell_entries[0]["mode"],), method=identity["method"],
-        trials=1, metric=metric, select_on=select_on, protocol=identity.get("protocol", "end-of-training"),
+        trials=len(points), metric=metric, select_on=select_on, protocol=identity.get("protocol", "end-of-training"),
         only_points=True, points=tuple(tuple(sorted(p.items())) for p in points), space=space,
         grid_seeds=tuple(seeds), overrides=identity.get("overrides", {}), profile=identity.get("profile", "smoke"),
         data_root=identity.get("data_root"), seed=int(identity.get("seed", 0)),

@@ -367,6 +367,10 @@ def test_console_script_prints_one_error_line(tmp_path, voc):
     (("voc-15-1", "--profile", "huge"), "huge"),
     (("voc-15-1", "--name", "../escape"), "name"),
     (("voc-15-1", "--resume", "--name", "never-ran"), "nothing to resume"),
+    (("voc-15-1", "--select-on", "train"), "--select-on"),
+    (("voc-15-1", "--protocol", "first-task"), "first-task"),
+    (("voc-15-1", "--set", "val_fraction=0"), "val_fraction=0"),
+    (("voc-15-1", "--set", "val_fraction=1"), "val_fraction"),
 ])
 def test_sweep_bad_input(tmp_path, args, needle):
     assert_user_error(invoke("sweep", *args, "--storage", tmp_path / "sweeps"), needle)
@@ -395,6 +399,7 @@ def test_results_empty_or_missing_dir(tmp_path):
 def test_export_best_empty_dir(tmp_path):
     (tmp_path / "empty").mkdir()
     assert_user_error(invoke("export-best", tmp_path / "empty", "--out", tmp_path / "best.yaml"))
+    assert_user_error(invoke("export-best", tmp_path / "empty", "--top", "3", "--seeds", "0"))
     assert not (tmp_path / "best.yaml").exists()
 
 
@@ -405,6 +410,10 @@ def test_final_bad_files(tmp_path):
     other.write_text("just: data\n")
     assert_user_error(invoke("final", other), "not a best-config file")
     assert_user_error(invoke("final", other, "--seeds", "0"), "seed")
+    good = tmp_path / "good.yaml"
+    good.write_text("scenario: voc-15-1\nmethod: ft\nparams: {}\n")
+    assert_user_error(invoke("final", good, "--scenarios", "voc-15-9"), "voc-15-9")
+    assert_user_error(invoke("final", good, "--scenarios", "ade-100-50"), "same dataset")
 
 
 @needs("final")
