@@ -54,10 +54,12 @@ def test_sweep_writes_both_tables(lwf_sweep):
         assert 100.0 in kds and all(1 <= kd <= 100 for kd in kds)  # the preset is evaluated
     trial_cols = set(pq.read_schema(sweep_dir / "trials.parquet").names)
     assert {"sweep", "trial_id", "cell", "scenario", "mode", "method", "seed", "status", "error", "wall_s",
-            "miou_all", "miou_old", "miou_new", "miou_avg", "param_kd", "param_alpha", "step0_trained"} <= trial_cols
+            "miou_all", "miou_old", "miou_new", "miou_avg", "val_miou_all", "val_miou_old", "val_miou_new",
+            "val_miou_avg", "param_kd", "param_alpha", "step0_trained"} <= trial_cols
     step_cols = set(pq.read_schema(sweep_dir / "steps.parquet").names)
-    assert {"step", "class_iou", "loss_ce", "loss_kd", "images_per_s", "cached", "status", "param_kd"} <= step_cols
-    assert all(0.0 <= r["miou_all"] <= 1.0 for r in steps)
+    assert {"step", "class_iou", "val_class_iou", "loss_ce", "loss_kd", "images_per_s", "cached", "status",
+            "param_kd"} <= step_cols
+    assert all(0.0 <= r["miou_all"] <= 1.0 and 0.0 <= r["val_miou_all"] <= 1.0 for r in steps)
     assert list((sweep_dir / "tb").rglob("events.out.tfevents.*")), "TensorBoard events live under the sweep dir"
     assert (sweep_dir / "optuna-voc-19-1-disjoint.log").exists()
 
@@ -75,7 +77,10 @@ def test_step0_is_trained_once_per_cell_by_concurrent_trials(lwf_sweep):
 def test_export_best_loads_with_resolve_config(lwf_sweep, tmp_path):
     sweep_dir, _, _ = lwf_sweep
     board = leaderboard(sweep_dir, "miou_all")
-    assert [r["rank"] for r in board] == [1, 2, 1, 2]
+    assert [r["rank"] for r in board] == [1, 2, 1, 2] and {r["metric"] for r in board} == {"val_miou_all"}
+    for cell in ("voc-19-1-disjoint", "voc-15-5-disjoint"):  # ranked on validation, never on test
+        vals = [r["val_miou_all"] for r in board if r["cell"] == cell]
+        assert vals == sorted(vals, reverse=True)
     out = export_best(sweep_dir, "miou_all", tmp_path / "best.yaml")
     doc = yaml.safe_load(out.read_text())
     assert [c["scenario"] for c in doc["cells"]] == ["voc-19-1", "voc-15-5"]
@@ -84,6 +89,7 @@ def test_export_best_loads_with_resolve_config(lwf_sweep, tmp_path):
         assert cfg.method == "lwf" and cfg.mode == "disjoint" and cfg.crop_size == 48 and cfg.seed == 0
         assert cfg.method_params["kd"] == pytest.approx(best["kd"])
         assert entry["metrics"]["miou_all"] == pytest.approx(best["miou_all"])
+        assert entry["metrics"]["val_miou_all"] == pytest.approx(best["val_miou_all"]) and entry["selected_on"] == "val"
         assert entry["command"] == f"csseg train {cfg.scenario} --method lwf --mode disjoint --config {out}"
 
 
