@@ -237,14 +237,19 @@ def train(scenario: Optional[str] = typer.Argument(None, help="Scenario, e.g. vo
 @user_errors
 def test(checkpoint: Path = typer.Argument(..., help="A checkpoint written by `csseg train`."),
          data_root: Optional[Path] = typer.Option(None, help="Dataset root; default: the config's."),
-         no_crop_val: bool = typer.Option(False, "--no-crop-val", help="Evaluate on full images.")):
-    """Evaluate a checkpoint on the test split of its step (all classes seen so far)."""
+         no_crop_val: bool = typer.Option(False, "--no-crop-val", help="Evaluate on full images."),
+         split: str = typer.Option("test", help="test (the dataset's evaluation images) or val (the held-out "
+                                                "train images sweeps select on).")):
+    """Evaluate a checkpoint on the test (or validation) split of its step (all classes seen so far)."""
+    from csseg_core.errors import ConfigError
     from csseg_core.evaluation import evaluate_state
     from csseg_core.state import load_state
 
+    if split not in ("test", "val"):
+        raise ConfigError(f"unknown split {split!r}; choose test or val")
     metrics = evaluate_state(load_state(checkpoint), data_root=str(data_root) if data_root else None,
-                             crop_val=not no_crop_val)
-    table = Table(title=f"{checkpoint.name}: step {metrics['step']} test")
+                             crop_val=not no_crop_val, split=split)
+    table = Table(title=f"{checkpoint.name}: step {metrics['step']} {split}")
     for col in ("mIoU all", "old", "new", "overall acc"):
         table.add_column(col)
     table.add_row(pct(metrics["miou_all"]), pct(metrics["miou_old"]), pct(metrics["miou_new"]), pct(metrics["overall_acc"]))

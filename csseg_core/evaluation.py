@@ -1,4 +1,4 @@
-"""Evaluate a saved state on the test split of its step (``csseg test``)."""
+"""Evaluate a saved state on the test (or held-out validation) split of its step (``csseg test``)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def evaluate_state(state: dict, *, data_root: str | None = None, crop_val: bool 
     root = cfg.data_root or str(default_data_root(scenario.dataset))
     datasets = build_datasets(scenario.dataset, root, scenario, cfg.mode, step, crop_size=cfg.crop_size,
                               crop_val=cfg.crop_val, index_dir=cfg.index_dir, splits=(split,),
-                              cache_images=False)
+                              cache_images=False, val_fraction=cfg.val_fraction)
     model = build_model(cfg.backbone, classes, output_stride=cfg.output_stride, pretrained=None,
                         head_channels=cfg.head_channels)
     load_previous(model, state["model"])  # same-step state; ConfigError when the weights do not fit

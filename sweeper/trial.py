@@ -90,7 +90,7 @@ def train_worker(loop: dict) -> None:
             state = load_state(Path(d) / "state.pt")
     else:
         state, metrics0 = _step0(cfg, loop, rank, extra)
-    last_step = int(loop.get("last_step", cfg.num_steps - 1))
+    last_step = int(loop["last_step"])
     if last_step == 0:  # nothing incremental: the step-0 result is the trial's result
         ray.train.report(scalar_metrics(metrics0 or {"step": 0}))
         return
@@ -190,12 +190,13 @@ def trial_driver(config: dict, ctx: dict) -> None:
     trial_id = tune.get_context().get_trial_id()
     sweep_dir = Path(ctx["sweep_dir"])
     cfg, hp = trial_config(ctx, config)
+    last_step = int(ctx["last_step"])  # the scenario's last step, or 1 under the first-step protocol
     folder = rows_dir(sweep_dir, trial_id)
     (folder / "trial.json").unlink(missing_ok=True)  # a restarted trial starts undecided
     write_json(folder / "meta.json", {
         "sweep": ctx["sweep"], "cell": ctx["cell"], "trial_id": trial_id, "scenario": cfg.scenario,
         "mode": cfg.mode, "method": cfg.method, "profile": cfg.profile, "seed": cfg.seed,
-        "num_steps": int(ctx.get("last_step", cfg.num_steps - 1)) + 1, "protocol": ctx.get("protocol"), "hp": hp,
+        "num_steps": last_step + 1, "protocol": ctx["protocol"], "hp": hp,
         "params": cfg.method_params, "config": cfg.to_dict()})
 
     workers, gpus, cpus = ctx["workers_per_trial"], ctx["gpus_per_worker"], ctx["cpus_per_worker"]
@@ -205,7 +206,7 @@ def trial_driver(config: dict, ctx: dict) -> None:
         train_loop_config={
             "config": cfg.to_dict(), "sweep": ctx["sweep"], "sweep_dir": str(sweep_dir), "trial_id": trial_id,
             "cell": ctx["cell"], "key0": cfg.step_key(0), "poll_s": ctx.get("poll_s", 1.0),
-            "last_step": int(ctx.get("last_step", cfg.num_steps - 1))},
+            "last_step": last_step},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpus > 0, resources_per_worker=per_worker),
         run_config=ray.train.RunConfig(
             name=trial_id, storage_path=str(sweep_dir / "train"),

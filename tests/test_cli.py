@@ -107,6 +107,11 @@ def test_test_command_prints_the_miou_table(runner, e2e):
     names = list(get_scenario("voc-15-1").class_names())[:21]
     assert [r[0] for r in per_class] == names
     assert [r[1] for r in per_class] == [_pct(x) for x in row["class_iou"]]
+    val = runner.invoke(cli.app, ["test", str(ckpt), "--split", "val"])  # the held-out split the run recorded
+    assert val.exit_code == 0, val.output
+    assert _table_rows(val.stdout)[0][:3] == [_pct(row["val_miou_all"]), _pct(row["val_miou_old"]),
+                                              _pct(row["val_miou_new"])]
+    assert runner.invoke(cli.app, ["test", str(ckpt), "--split", "train"]).exit_code != 0
 
 
 def test_step_ckpt_starts_from_the_given_state(runner, e2e, voc_root, tmp_path):
