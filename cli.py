@@ -197,7 +197,7 @@ def train(scenario: Optional[str] = typer.Argument(None, help="Scenario, e.g. vo
           out: Optional[Path] = typer.Option(None, help="Run directory; default runs/<scenario>-<mode>-<method>-<hash>."),
           step_ckpt: Optional[Path] = typer.Option(None, help="Start from this state: a csseg step-k checkpoint or one written by the official SDR code."),
           workers: int = typer.Option(1, help="DDP processes (gloo on CPU, NCCL on GPU)."),
-          pretrained: Optional[str] = typer.Option(None, help="Backbone weights: a local state-dict path or 'imagenet'."),
+          pretrained: Optional[str] = typer.Option(None, help="Backbone weights: 'imagenet' or a local state dict (torchvision's, the official resnet_atrous backbone's, or an official SDR checkpoint)."),
           no_pretrained: bool = typer.Option(False, "--no-pretrained", help="Random initialisation."),
           no_crop_val: bool = typer.Option(False, "--no-crop-val", help="Evaluate on full images (batch 1)."),
           progress: bool = typer.Option(True, help="Show progress bars.")):

@@ -237,3 +237,43 @@ def test_reference_dilation_per_block(backbone, os_, layer3, layer4):
     assert {m.momentum for m in model.body.modules() if isinstance(m, nn.BatchNorm2d)} == {0.0003}
     with pytest.raises(ConfigError, match="unknown dilation"):
         build_model(backbone, (3,), backbone_dilation="multigrid")
+
+
+def test_official_checkpoint_maps_by_name(official):
+    """A checkpoint in the official ``save_ckpt`` layout, with the fixture's (= official) names."""
+    from csseg_core.models.official import state_from_official
+
+    cfg = resolve_config("voc-15-1", "ewc", profile="paper")
+    sd = official.state_dict()
+    fisher = {k: torch.rand(v.shape) for k, v in official.named_parameters()}
+    ckpt = {"model_state": {f"module.{k}": v for k, v in sd.items()}, "best_score": 0.0, "epoch": 30,
+            "trainer_state": {"regularizer": {"name": "ewc", "fisher": fisher, "alpha": 0.9}},
+            "prototypes": torch.rand(17, 2048), "count_features": torch.arange(17)}
+    state = state_from_official(ckpt, cfg, "19-1-voc_SDR_1.pth")
+    assert state["step"] == 1 and state["model"]["head.pool_bn.running_var"] is sd["head.global_pooling_bn.running_var"]
+    assert set(state["statistics"]["fisher"]) == {to_csseg_name(k) for k in fisher}
+    assert state["statistics"]["prototypes"].shape == (17, 2048)
+    ckpt["model_state"]["module.head.aspp.0.weight"] = torch.zeros(1)
+    with pytest.raises(ConfigError, match=r"key 'module.head.aspp.0.weight' does not map"):
+        state_from_official(ckpt, cfg, "x.pth")
+    del ckpt["model_state"]["module.head.aspp.0.weight"]
+    small = resolve_config("voc-15-1", "ft", profile="paper", overrides={"backbone": "resnet50"})
+    with pytest.raises(ConfigError, match="does not map|lacks"):
+        state_from_official(ckpt, small, "x.pth")
+
+
+def test_pretrained_accepts_the_official_backbone_and_model_state(official, tmp_path):
+    """--pretrained: the official ``resnet_atrous`` body's state dict (torchvision names, no
+    ``fc``) or a whole official ``model_state`` (``module.body.*`` + head + classifiers)."""
+    from csseg_core.models import load_body_weights
+    from csseg_core.models.backbones import _read_state_dict
+
+    body = build_model("resnet101", (3,), **PAPER).body
+    load_body_weights(body, official.body.state_dict(), "resnet101_atrous")
+    assert torch.equal(body.layer4[2].bn3.running_var, official.body.layer4[2].bn3.running_var)
+    body.layer1[0].conv1.weight.data.zero_()
+    load_body_weights(body, {f"module.{k}": v for k, v in official.state_dict().items()}, "model_state")
+    assert torch.equal(body.layer1[0].conv1.weight, official.body.layer1[0].conv1.weight)
+    path = tmp_path / "ckpt.pth"
+    torch.save({"model_state": {"module.body.conv1.weight": official.body.conv1.weight.detach()}, "epoch": 1}, path)
+    assert list(_read_state_dict(path)) == ["module.body.conv1.weight"]
