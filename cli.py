@@ -195,9 +195,9 @@ def train(scenario: Optional[str] = typer.Argument(None, help="Scenario, e.g. vo
           set_: Optional[List[str]] = typer.Option(None, "--set", help="key=value override (repeatable)."),
           config: Optional[Path] = typer.Option(None, "--config", help="YAML config (config.yaml or export-best)."),
           out: Optional[Path] = typer.Option(None, help="Run directory; default runs/<scenario>-<mode>-<method>-<hash>."),
-          step_ckpt: Optional[Path] = typer.Option(None, help="Start from this state (step-0 or step-k checkpoint)."),
+          step_ckpt: Optional[Path] = typer.Option(None, help="Start from this state: a csseg step-k checkpoint or one written by the official SDR code."),
           workers: int = typer.Option(1, help="DDP processes (gloo on CPU, NCCL on GPU)."),
-          pretrained: Optional[str] = typer.Option(None, help="Backbone weights: a local state-dict path or 'imagenet'."),
+          pretrained: Optional[str] = typer.Option(None, help="Backbone weights: 'imagenet' or a local state dict (torchvision's, the official resnet_atrous backbone's, or an official SDR checkpoint)."),
           no_pretrained: bool = typer.Option(False, "--no-pretrained", help="Random initialisation."),
           no_crop_val: bool = typer.Option(False, "--no-crop-val", help="Evaluate on full images (batch 1)."),
           progress: bool = typer.Option(True, help="Show progress bars.")):
@@ -214,7 +214,7 @@ def train(scenario: Optional[str] = typer.Argument(None, help="Scenario, e.g. vo
         extra.append("crop_val=false")
     cfg = build_config(scenario, method, profile, mode, seed, data_root, extra, config)
     out = out or Path("runs") / cfg.run_name()
-    start_state = load_state(step_ckpt) if step_ckpt else None
+    start_state = load_state(step_ckpt, cfg) if step_ckpt else None
     first = step if step is not None else (int(start_state["step"]) + 1 if start_state else 0)
     if not 0 <= first < cfg.num_steps:
         raise ConfigError(f"--step {first} is out of range: {cfg.scenario} has steps 0..{cfg.num_steps - 1}")

@@ -46,6 +46,19 @@ class ExperimentConfig:
     pretrained: str = "none"
     """"imagenet", "none" or the path of a backbone state dict."""
     head_channels: int = 64
+    bn_momentum: float = 0.0
+    """Momentum of the backbone's BatchNorms; 0 keeps the backbone's own (torchvision
+    ResNets 0.1, MobileNetV3 0.01). Reference ``net/resnet_atrous.py``: 0.0003 (``paper``)."""
+    backbone_dilation: str = "torchvision"
+    """"torchvision" (``replace_stride_with_dilation``: layer4's first block keeps dilation 1
+    at OS 16) or "reference" (``resnet_atrous``: every layer4 block dilated). The reference
+    has ResNet-50/101 only; other backbones keep their own dilation under "reference"."""
+    head_act: str = "relu"
+    """Activation after the ASPP head's BatchNorms: "relu" or "none" (the reference's
+    ``make_model_v2`` head with plain ``nn.BatchNorm2d``; ``paper``)."""
+    pool_window: int = 0
+    """Eval-time window of the head's image-pool branch; 0 = global mean, 32 = the reference's
+    ``--pooling 32`` (``paper``; equal to the global mean up to 32×32 feature maps)."""
     crop_size: int = 64
     crop_val: bool = True
     val_fraction: float = 0.15
@@ -103,9 +116,19 @@ class ExperimentConfig:
     def replace(self, **changes: Any) -> "ExperimentConfig":
         return dataclasses.replace(self, **changes)
 
+    def model_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`csseg_core.models.build_model` other than the
+        backbone, the classes and the pretrained weights."""
+        return {"output_stride": self.output_stride, "head_channels": self.head_channels,
+                "bn_momentum": self.bn_momentum or None, "backbone_dilation": self.backbone_dilation,
+                "head_act": self.head_act, "pool_window": self.pool_window}
+
     def step_key(self, step: int) -> str:
         """Content hash (16 hex chars) of the state after ``step``."""
         d = self.to_dict()
+        for k, default in _HASHED_IF_SET.items():  # fields added later: old keys stay valid
+            if d[k] == default:
+                d.pop(k)
         scenario = get_scenario(self.scenario)
         for k in ("scenario", "data_root", "num_workers", "cache_images", "log_every", "num_samples", "profile"):
             d.pop(k)
@@ -126,13 +149,16 @@ class ExperimentConfig:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(ExperimentConfig) if f.name not in ("scenario", "method", "params")}
+_HASHED_IF_SET = {k: _FIELDS[k].default for k in ("bn_momentum", "backbone_dilation", "head_act", "pool_window")}
+# The reference network (SDR ``make_model_v2``: ``net/resnet_atrous.py`` + ``modules/deeplab.py``).
+REFERENCE_MODEL = dict(bn_momentum=0.0003, backbone_dilation="reference", head_act="none", pool_window=32)
 
 PROFILES: dict[str, dict[str, Any]] = {
     # The paper recipe (SDR code, author's issue #1): ResNet-101, crop 512, VOC batch 8 /
     # 30 epochs / lr 1e-3 then 1e-4; ADE batch 4 / 60 epochs / lr 1e-2 then 1e-3.
     "paper": dict(backbone="resnet101", output_stride=16, pretrained="imagenet", head_channels=256, crop_size=512, batch_size=8,
                   epochs=30, epochs_incremental=30, lr=1e-3, lr_incremental=1e-4, num_workers=4, cache_images=False,
-                  log_every=10, num_samples=4),
+                  log_every=10, num_samples=4, **REFERENCE_MODEL),
     # Quick GPU sweeps: a small backbone at crop 256.
     "small": dict(backbone="resnet18", output_stride=16, pretrained="imagenet", head_channels=256, crop_size=256, batch_size=16,
                   epochs=10, epochs_incremental=10, lr=1e-2, lr_incremental=1e-3, num_workers=4, cache_images=False),
@@ -235,6 +261,14 @@ def _validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"val_fraction must be in [0, 1) (got {cfg.val_fraction}); e.g. --set val_fraction=0.15")
     if cfg.output_stride not in (8, 16):
         raise ConfigError(f"output_stride must be 8 or 16 (got {cfg.output_stride})")
+    if not 0.0 <= cfg.bn_momentum <= 1.0:
+        raise ConfigError(f"bn_momentum must be in [0, 1] (got {cfg.bn_momentum}; 0 = the backbone's own); e.g. --set bn_momentum=0.0003")
+    choices = {"backbone_dilation": ("torchvision", "reference"), "head_act": ("relu", "none")}
+    for key, allowed in choices.items():
+        if getattr(cfg, key) not in allowed:
+            raise ConfigError(f"{key} must be one of {', '.join(allowed)} (got {getattr(cfg, key)!r}); e.g. --set {key}={allowed[0]}")
+    if cfg.pool_window < 0:
+        raise ConfigError(f"pool_window must be >= 0 (got {cfg.pool_window}; 0 = global mean); e.g. --set pool_window=32")
 
 
 def config_field_docs() -> dict[str, Any]:

@@ -146,16 +146,14 @@ def run_step(cfg: ExperimentConfig, step: int, prev_state: dict | None = None, *
                               splits=splits, val_fraction=cfg.val_fraction)
 
     classes = scenario.classes_per_step[: step + 1]
-    model = build_model(cfg.backbone, classes, output_stride=cfg.output_stride,
-                        pretrained=cfg.pretrained if step == 0 else None, head_channels=cfg.head_channels)
+    model = build_model(cfg.backbone, classes, pretrained=cfg.pretrained if step == 0 else None, **cfg.model_kwargs())
     old_model, old_params, prev_stats = None, {}, {}
     if step > 0:
         load_previous(model, prev_state["model"])
         prev_stats = prev_state.get("statistics", {})
         old_params = {n: prev_state["model"][n].to(device) for n, _ in model.named_parameters() if n in prev_state["model"]}
         if method.needs_old_model(step):
-            old_model = build_model(cfg.backbone, classes[:-1], output_stride=cfg.output_stride, pretrained=None,
-                                    head_channels=cfg.head_channels)
+            old_model = build_model(cfg.backbone, classes[:-1], pretrained=None, **cfg.model_kwargs())
             old_model.load_state_dict(prev_state["model"], strict=True)
             old_model.to(device).eval().requires_grad_(False)
     model.to(device)

@@ -29,8 +29,7 @@ def evaluate_state(state: dict, *, data_root: str | None = None, crop_val: bool 
     datasets = build_datasets(scenario.dataset, root, scenario, cfg.mode, step, crop_size=cfg.crop_size,
                               crop_val=cfg.crop_val, index_dir=cfg.index_dir, splits=(split,),
                               cache_images=False, val_fraction=cfg.val_fraction)
-    model = build_model(cfg.backbone, classes, output_stride=cfg.output_stride, pretrained=None,
-                        head_channels=cfg.head_channels)
+    model = build_model(cfg.backbone, classes, pretrained=None, **cfg.model_kwargs())
     load_previous(model, state["model"])  # same-step state; ConfigError when the weights do not fit
     device = _device()
     model.to(device)

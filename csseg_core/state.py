@@ -53,15 +53,32 @@ def save_state(state: dict, path: str | os.PathLike) -> Path:
     return path
 
 
-def load_state(path: str | os.PathLike) -> dict:
-    """Load a state with ``weights_only=True`` (a checkpoint never executes code)."""
+def _numpy_scalar_globals() -> list:
+    """What unpickling numpy scalars needs (the official code saves ``best_score`` as one)."""
+    core = getattr(np, "_core", None) or np.core
+    return [core.multiarray.scalar, np.dtype, *(type(np.dtype(t)) for t in ("float64", "float32", "int64"))]
+
+
+def load_state(path: str | os.PathLike, cfg=None) -> dict:
+    """Load a state with ``weights_only=True`` (a checkpoint never executes code).
+
+    With ``cfg``, a checkpoint written by the official SDR code (``{"model_state": ...}``) is
+    converted to a csseg state for ``cfg``'s model (:func:`csseg_core.models.official.state_from_official`).
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"checkpoint {path} does not exist; pass the .pt file written by `csseg train`")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_numpy_scalar_globals()):
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file
         raise ConfigError(f"checkpoint {path} cannot be read ({type(err).__name__}: {first_line(err)}); it is not a csseg state") from None
+    if cfg is not None:
+        from .models.official import is_official_checkpoint, state_from_official
+
+        if is_official_checkpoint(state):
+            return state_from_official(state, cfg, str(path))
     if not isinstance(state, dict) or "model" not in state or "step" not in state:
-        raise ConfigError(f"checkpoint {path} is not a csseg step state (no 'model'/'step' keys)")
+        raise ConfigError(f"checkpoint {path} is not a csseg step state (no 'model'/'step' keys) "
+                          "nor an official SDR checkpoint (no 'model_state')")
     return state

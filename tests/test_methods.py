@@ -17,7 +17,7 @@ from csseg_core import engine
 from csseg_core.config import resolve_config
 from csseg_core.engine import run_step
 from csseg_core.errors import ConfigError, TrainingError
-from csseg_core.methods import STATISTICS, get_method, list_methods, method_defaults
+from csseg_core.methods import STATISTICS, build_method, get_method, list_methods, method_defaults
 from csseg_core.metrics import ConfusionMatrix
 from csseg_core.state import load_state, save_state
 
@@ -269,3 +269,36 @@ def test_step1_needs_a_step0_state(make_cfg, step1):
     _, state1, _ = step1("ft")
     with pytest.raises(ConfigError, match="needs the state of step 0, got the state of step 1"):
         run_step(make_cfg("sdr"), 1, state1)
+
+
+@pytest.mark.parametrize("method", ["ewc", "pi", "rw"])
+def test_regularizer_importances_are_normalised_per_tensor(method):
+    """As the reference's utils/regularizer.py: (x − min) / (max − min + 1e-8) for each
+    parameter tensor on its own, so a tensor of tiny importances still reaches 1."""
+    from csseg_core.methods.base import StepContext
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2))
+    names = [n for n, _ in model.named_parameters()]
+    scales = dict(zip(names, (1e-6, 1.0, 1e3, 5.0)))
+    g = torch.Generator().manual_seed(0)
+    table = {n: scales[n] * torch.rand(p.shape, generator=g) for n, p in model.named_parameters()}
+    stats = {"fisher": table, "pi": table, "rw": {n: 2 * v for n, v in table.items()}}
+    old = {n: p.detach() - 1.0 for n, p in model.named_parameters()}  # θ − θ_old = 1 everywhere
+    m = build_method(method, {"reg": 1.0})
+    m.setup(StepContext(step=1, mode="disjoint", n_old=1, num_classes=2, model=model, old_model=None,
+                        prev_statistics=stats, old_params=old))
+    def per_tensor_of(tab):
+        return {n: (v - v.min()) / (v.max() - v.min() + 1e-8) for n, v in tab.items()}
+
+    per_tensor = per_tensor_of(table)
+    sources = [per_tensor] + ([per_tensor_of(stats["rw"])] if method == "rw" else [])
+    expected = sum(src[n].sum() for src in sources for n in names)
+    penalty = m.penalty(StepContext(step=1, mode="disjoint", n_old=1, num_classes=2, model=model, old_model=None,
+                                    prev_statistics=stats, old_params=old))
+    assert torch.allclose(penalty, expected, rtol=1e-5)
+    for n in names:  # every tensor spans [0, ~1], whatever its scale (the 1e-8 keeps 1e-6-wide ones at 0.99)
+        imp = sum(src[n] for src in sources)
+        assert torch.allclose(m._importance[n], imp, atol=1e-6) and imp.min() == 0 and imp.max() > 0.98 * len(sources)
+    lo, hi = min(v.min() for v in table.values()), max(v.max() for v in table.values())
+    one_min_max = sum(((v - lo) / (hi - lo)).sum() for v in table.values())  # one min/max over all tensors
+    assert penalty > 2 * one_min_max * (2 if method == "rw" else 1)

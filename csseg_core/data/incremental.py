@@ -17,9 +17,16 @@ test        >=1 seen class (``cur | old``)           0 and seen -> idx, unseen -
 val         as test                                  as test
 =========== ======================================== =========================================
 
-(*) the reference maps unknown ids to 255 in sequential mode; the disjoint filter it shares
-excludes future classes, so the choice only matters with an ``index_dir`` partition, where
-we treat unlabelled future objects like the other modes do (background).
+(*) Sequential mode, against the reference at HEAD (LTTM/SDR ``623bcb6`` "patch sequential
+data scenario", VOC only; its ADE class reorders ``0 | old | cur`` and sends every other id to
+0 in train and 255 in val, as we do): its VOC train and ``current`` (its "val") views apply
+the identity to the raw ids. With the standard class orders raw id = model index, so train labels agree on the
+disjoint-filtered images it uses; future ids can only appear with an ``index_dir`` partition,
+where we map them to 0 (as the other modes do) and the reference would pass ids >= the class
+count to the loss. In ``current`` we map ids outside ``cur | old | {0}`` to 255 where the
+reference keeps them raw: its metric ignores ids >= the class count, so mIoU is identical, and
+its val loss would index past the logits. With a permuted order (``19-1b``, ADE ``b``/``c``)
+the reference's identity skips the reordering; we always map ids to model indices.
 ADE: id 0 ("other") -> 0 at train and -> 255 at val/test (ignored; index 0 still exists).
 The remap is a 256-entry uint8 lookup table.
 

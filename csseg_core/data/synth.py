@@ -262,7 +262,17 @@ def generate(
         sets.mkdir(parents=True, exist_ok=True)
         (sets / "train.txt").write_text("\n".join(names[:n_train]) + "\n")
         (sets / "val.txt").write_text("\n".join(names[n_train:]) + "\n")
+        _mark_synthetic(root / "VOCdevkit" / "VOC2012")
     return root
+
+
+def _mark_synthetic(voc: Path) -> None:
+    """Mark a synthetic VOC folder: it has no train_aug list by design (no warning about it)."""
+    from csseg_core.data.voc import SYNTHETIC_MARKER
+
+    marker = voc / SYNTHETIC_MARKER
+    if voc.is_dir() and not marker.exists():
+        marker.write_text("written by csseg data synth; train.txt is the whole training set\n")
 
 
 def default_params(dataset: str = "voc") -> dict:
@@ -303,6 +313,8 @@ def default_data_root(dataset: str = "voc") -> Path:
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+    if dataset == "voc":
+        _mark_synthetic(target / "VOCdevkit" / "VOC2012")  # sets cached by older versions
     if target not in _ANNOUNCED:  # one line per process, not one per step
         _ANNOUNCED.add(target)
         print(

@@ -24,13 +24,11 @@ class RegParams:
 
 
 def _normalized(table: dict, normalize: bool) -> dict:
-    if not normalize or not table:
+    """Min-max normalise every parameter tensor on its own, as the reference's
+    ``utils/regularizer.py`` does (``normalize_fn`` per key: ``(x − min) / (max − min + 1e-8)``)."""
+    if not normalize:
         return dict(table)
-    values = list(table.values())
-    lo = min(float(v.min()) for v in values)
-    hi = max(float(v.max()) for v in values)
-    scale = max(hi - lo, 1e-12)
-    return {k: (v - lo) / scale for k, v in table.items()}
+    return {k: L.min_max_normalize(v) for k, v in table.items()}
 
 
 class _Regularizer(Method):

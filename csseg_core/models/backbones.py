@@ -4,11 +4,17 @@ Every body maps ``B×3×H×W`` to ``B×C×H/os×W/os`` features and exposes ``ou
 The ResNet and MobileNet bodies keep torchvision's parameter names (minus ``fc`` /
 ``classifier``), so a torchvision state dict loads into them as is.
 
-Dilation, compared with the reference ``resnet_atrous`` (SDR §4.1): torchvision's
-``replace_stride_with_dilation`` gives the first block of a dilated stage the previous
-dilation (1 for layer4 at OS 16) where the reference uses 2 for all three layer4 blocks;
-the parameters are identical, only the receptive field of one block differs. BatchNorm keeps
-torchvision's momentum (0.1) instead of the reference's 0.0003.
+Two options make a ResNet-50/101 body behave like the reference's ``net/resnet_atrous.py``
+(SDR §4.1; the ``paper`` profile sets both), with the same parameters and names:
+
+* ``dilation="reference"``: every block of a dilated stage has the stage's dilation on its
+  3×3 conv, the first block included (ResNet-101 at OS 16: layer4 = 2, 2, 2; ResNet-50 uses
+  the reference's multi-grid 1, 2, 1; OS 8 doubles them and dilates layer3 by 2).
+  ``"torchvision"`` (default): ``replace_stride_with_dilation``, whose first block keeps the
+  previous stage's dilation (layer4 at OS 16: 1, 2, 2). The reference has no other
+  backbone; ResNet-18, MobileNetV3 and the tiny CNN keep their own dilation under either.
+* ``bn_momentum``: momentum of every BatchNorm of the body (reference 0.0003); ``None`` keeps
+  the backbone's own (torchvision ResNets 0.1, MobileNetV3 0.01).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ def _tv_models():
 
     return torchvision.models
 
-__all__ = ["BACKBONES", "build_body", "load_body_weights", "ResNetBody", "MobileNetBody", "TinyBody"]
+__all__ = ["BACKBONES", "DILATIONS", "build_body", "load_body_weights", "ResNetBody", "MobileNetBody", "TinyBody"]
 
 BACKBONES: tuple[str, ...] = ("resnet101", "resnet50", "resnet18", "mobilenet_v3_large", "tiny")
 
@@ -138,9 +144,28 @@ def _dilate_basic_layer(layer: nn.Sequential, previous: int, dilation: int) -> N
             block.downsample[0].stride = (1, 1)
 
 
-def _make_resnet(name: str, output_stride: int) -> nn.Module:
+DILATIONS: tuple[str, ...] = ("torchvision", "reference")
+# Per-block dilation of layer4 at output stride 16 in the reference's resnet_atrous
+# (multi-grid); at output stride 8 it doubles and layer3 gets 2 in every block.
+_REFERENCE_GRID = {"resnet101": (2, 2, 2), "resnet50": (1, 2, 1)}
+
+
+def _reference_dilation(net: nn.Module, name: str, output_stride: int) -> None:
+    """Set every 3×3 conv of layer3/layer4 to the reference's per-block dilation."""
+    scale = 16 // output_stride
+    plan = {"layer3": [scale] * len(net.layer3), "layer4": [d * scale for d in _REFERENCE_GRID[name]]}
+    for layer, dilations in plan.items():
+        for block, d in zip(getattr(net, layer), dilations):
+            block.conv2.dilation, block.conv2.padding = (d, d), (d, d)
+
+
+def _make_resnet(name: str, output_stride: int, dilation: str = "torchvision") -> nn.Module:
     dilate = [False, False, True] if output_stride == 16 else [False, True, True]
     builder: Callable[..., torchvision.models.ResNet] = getattr(_tv_models(), name)
+    if dilation == "reference" and name in _REFERENCE_GRID:
+        net = builder(weights=None, replace_stride_with_dilation=dilate)
+        _reference_dilation(net, name, output_stride)
+        return ResNetBody(net)
     if name != "resnet18":
         return ResNetBody(builder(weights=None, replace_stride_with_dilation=dilate))
     net = builder(weights=None)
@@ -236,7 +261,8 @@ def load_body_weights(body: nn.Module, state: dict[str, torch.Tensor], source: s
     body.load_state_dict({k: v for k, v in cleaned.items() if k in own}, strict=False)
 
 
-def build_body(name: str, output_stride: int = 16, pretrained: str | Path | None = None) -> nn.Module:
+def build_body(name: str, output_stride: int = 16, pretrained: str | Path | None = None, *,
+               dilation: str = "torchvision", bn_momentum: float | None = None) -> nn.Module:
     """Build a backbone, optionally with pretrained weights.
 
     Args:
@@ -244,7 +270,9 @@ def build_body(name: str, output_stride: int = 16, pretrained: str | Path | None
         output_stride: 16 or 8 (MobileNetV3: 16 only).
         pretrained: None / ``"none"`` (random init), ``"imagenet"`` (torchvision weights,
             downloaded or from the torch hub cache) or the path of a local state dict of the
-            torchvision model.
+            torchvision model (or of the reference's ``resnet_atrous``: the same names).
+        dilation: ``"torchvision"`` or ``"reference"`` (changes ResNet-50/101 only; see the module doc).
+        bn_momentum: Momentum of the body's BatchNorms; None keeps the backbone's own.
 
     Returns:
         The body module, with an ``out_channels`` attribute.
@@ -257,12 +285,20 @@ def build_body(name: str, output_stride: int = 16, pretrained: str | Path | None
     if output_stride not in _OUTPUT_STRIDES[name]:
         allowed = " or ".join(map(str, _OUTPUT_STRIDES[name]))
         raise ConfigError(f"backbone {name!r} supports output stride {allowed}, not {output_stride}")
+    if dilation not in DILATIONS:
+        raise ConfigError(f"unknown dilation {dilation!r}; choose one of {', '.join(DILATIONS)}")
+    if bn_momentum is not None and not 0.0 < bn_momentum <= 1.0:
+        raise ConfigError(f"bn_momentum must be in (0, 1] (got {bn_momentum}); e.g. --set bn_momentum=0.0003")
     if name == "tiny":
         body: nn.Module = TinyBody(output_stride)
     elif name == "mobilenet_v3_large":
         body = MobileNetBody(_tv_models().mobilenet_v3_large(weights=None, dilated=True))
     else:
-        body = _make_resnet(name, output_stride)
+        body = _make_resnet(name, output_stride, dilation)
+    if bn_momentum is not None:
+        for module in body.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.momentum = bn_momentum
 
     if pretrained is None or (isinstance(pretrained, str) and pretrained.lower() in ("", "none")):
         return body

@@ -1,15 +1,23 @@
 """DeepLabV3 with an incremental classifier (one 1×1 conv per continual step).
 
-Head, compared with the reference (SDR §4.1, ``make_model_v2``): the same ASPP layout
-(1×1 conv + three bias-free 3×3 atrous convs, concat → BN → 1×1 reduction; image-pool branch
-global mean → 1×1 conv → BN → 1×1 conv, added before the last BN), but every BN is followed by
-a ReLU, as in torchvision's ASPP and MiB's ``InPlaceABNSync`` head, instead of the SDR path's
-activation-free ``BatchNorm2d``. The image-pool branch always uses the global mean (the
-reference's eval-time 32×32 pooling is the global mean for 512-px crops at stride 16).
+Head: the reference's ASPP layout (SDR §4.1, ``make_model_v2`` → ``modules/deeplab.py``):
+1×1 conv + three bias-free 3×3 atrous convs, concat → BN → 1×1 reduction; image-pool branch
+mean → 1×1 conv → BN → 1×1 conv, added before the last BN. Two options:
+
+* ``head_act``: ``"relu"`` (default) puts a ReLU after each of the three BNs, as torchvision's
+  ASPP does; ``"none"`` is the reference's SDR path, whose ``DeeplabV3`` gets a plain
+  ``nn.BatchNorm2d`` as ``norm_act`` (no activation anywhere in the head). (MiB's
+  ``InPlaceABNSync`` head, the reference's other path, uses leaky ReLU 0.01; not offered.)
+* ``pool_window``: the image-pool branch always takes the global mean in training; in eval,
+  0 (default) keeps the global mean and ``w > 0`` is the reference's ``--pooling w``: a
+  stride-1 ``min(w, h)×min(w, w')`` average window with replicate padding back to ``h×w'``
+  (the global mean up to ``w×w`` feature maps, a local mean above).
+
 Atrous rates: (6, 12, 18) at output stride 16 and (12, 24, 32) at 8, as in the reference code
-(torchvision and the DeepLabV3 paper use 36 for the last rate). As in the reference and in
-torchvision, the image-pool BN sees one value per image, so training needs batches of at least
-2 images (drop the last incomplete batch).
+(torchvision and the DeepLabV3 paper use 36 for the last rate). Initialisation: PyTorch's
+default for the head and classifiers, as in the reference (which comments out MiB's Xavier
+``reset_parameters``). As in the reference and in torchvision, the image-pool BN sees one
+value per image, so training needs batches of at least 2 images (drop the last incomplete batch).
 """
 
 from __future__ import annotations
@@ -26,8 +34,9 @@ from torch import nn
 from csseg_core.errors import ConfigError
 from csseg_core.models.backbones import build_body
 
-__all__ = ["ASPPHead", "IncrementalSegmenter", "build_model", "load_previous"]
+__all__ = ["ASPPHead", "HEAD_ACTS", "IncrementalSegmenter", "build_model", "load_previous"]
 
+HEAD_ACTS: tuple[str, ...] = ("relu", "none")
 _RATES = {16: (6, 12, 18), 8: (12, 24, 32)}
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
@@ -40,11 +49,16 @@ class ASPPHead(nn.Module):
         out_channels: Channels of the output (``pre_logits``).
         output_stride: 16 or 8; selects the atrous rates.
         hidden_channels: Channels of each ASPP branch (default: ``out_channels``).
+        act: ``"relu"`` after each BN, or ``"none"`` (the reference's plain BatchNorm).
+        pool_window: Eval-time image-pool window (0 = global mean; reference 32).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, output_stride: int = 16, hidden_channels: int | None = None) -> None:
+    def __init__(self, in_channels: int, out_channels: int, output_stride: int = 16, hidden_channels: int | None = None,
+                 *, act: str = "relu", pool_window: int = 0) -> None:
         super().__init__()
         hidden = hidden_channels or out_channels
+        self.act = act
+        self.pool_window = int(pool_window)
         self.map_convs = nn.ModuleList([nn.Conv2d(in_channels, hidden, 1, bias=False)])
         for rate in _RATES[output_stride]:
             self.map_convs.append(nn.Conv2d(in_channels, hidden, 3, padding=rate, dilation=rate, bias=False))
@@ -55,12 +69,22 @@ class ASPPHead(nn.Module):
         self.pool_red_conv = nn.Conv2d(hidden, out_channels, 1, bias=False)
         self.red_bn = nn.BatchNorm2d(out_channels)
 
+    def _act(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x) if self.act == "relu" else x
+
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training or self.pool_window <= 0:
+            return x.mean(dim=(2, 3), keepdim=True)
+        kh, kw = min(self.pool_window, x.shape[2]), min(self.pool_window, x.shape[3])
+        pool = F.avg_pool2d(x, (kh, kw), stride=1)
+        left, top = (kw - 1) // 2, (kh - 1) // 2
+        return F.pad(pool, (left, kw - 1 - left, top, kh - 1 - top), mode="replicate")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.cat([conv(x) for conv in self.map_convs], dim=1)
-        out = self.red_conv(F.relu(self.map_bn(out)))
-        pool = x.mean(dim=(2, 3), keepdim=True)
-        pool = self.pool_red_conv(F.relu(self.pool_bn(self.pool_conv(pool))))
-        return F.relu(self.red_bn(out + pool))
+        out = self.red_conv(self._act(self.map_bn(out)))
+        pool = self.pool_red_conv(self._act(self.pool_bn(self.pool_conv(self._pool(x)))))
+        return self._act(self.red_bn(out + pool))
 
 
 class IncrementalSegmenter(nn.Module):
@@ -74,10 +98,13 @@ class IncrementalSegmenter(nn.Module):
         classes_per_step: Number of classes added at each step (step 0 includes background).
         output_stride: 16 or 8.
         head_channels: Channels of the head output and classifier input.
+        head_act: ``"relu"`` or ``"none"`` (see :class:`ASPPHead`).
+        pool_window: Eval-time image-pool window of the head (0 = global mean).
     """
 
     def __init__(
-        self, body: nn.Module, classes_per_step: Sequence[int], *, output_stride: int = 16, head_channels: int = 256
+        self, body: nn.Module, classes_per_step: Sequence[int], *, output_stride: int = 16, head_channels: int = 256,
+        head_act: str = "relu", pool_window: int = 0,
     ) -> None:
         super().__init__()
         self.body = body
@@ -85,7 +112,8 @@ class IncrementalSegmenter(nn.Module):
         self.head_channels = int(head_channels)
         self.output_stride = int(output_stride)
         self.classes_per_step: tuple[int, ...] = tuple(int(n) for n in classes_per_step)
-        self.head = ASPPHead(self.body_channels, self.head_channels, self.output_stride)
+        self.head = ASPPHead(self.body_channels, self.head_channels, self.output_stride, act=head_act,
+                             pool_window=pool_window)
         self.cls = nn.ModuleList([nn.Conv2d(self.head_channels, n, 1) for n in self.classes_per_step])
         self.bn_frozen = False
 
@@ -170,6 +198,10 @@ def build_model(
     output_stride: int = 16,
     pretrained: str | Path | None = None,
     head_channels: int = 256,
+    bn_momentum: float | None = None,
+    backbone_dilation: str = "torchvision",
+    head_act: str = "relu",
+    pool_window: int = 0,
 ) -> IncrementalSegmenter:
     """Build a DeepLabV3 incremental segmenter.
 
@@ -180,6 +212,11 @@ def build_model(
         pretrained: None / ``"none"``, ``"imagenet"`` or a path to a local torchvision
             state dict of the backbone.
         head_channels: Channels of the ASPP output.
+        bn_momentum: Momentum of the body's BatchNorms (None or 0: the backbone's own;
+            reference 0.0003). The head's BNs keep 0.1, as in the reference.
+        backbone_dilation: ``"torchvision"`` or ``"reference"`` (ResNet-50/101).
+        head_act: ``"relu"`` or ``"none"`` (reference).
+        pool_window: Eval-time image-pool window (0 = global mean; reference 32).
 
     Returns:
         The model, in training mode.
@@ -200,8 +237,13 @@ def build_model(
         raise ConfigError(f"output_stride must be 16 or 8, got {output_stride!r}")
     if isinstance(head_channels, bool) or not isinstance(head_channels, int) or head_channels < 1:
         raise ConfigError(f"head_channels must be a positive integer, got {head_channels!r}")
-    body = build_body(backbone, output_stride, pretrained)
-    return IncrementalSegmenter(body, [int(n) for n in steps], output_stride=output_stride, head_channels=head_channels)
+    if head_act not in HEAD_ACTS:
+        raise ConfigError(f"head_act must be one of {', '.join(HEAD_ACTS)}, got {head_act!r}")
+    if isinstance(pool_window, bool) or not isinstance(pool_window, int) or pool_window < 0:
+        raise ConfigError(f"pool_window must be an integer >= 0 (0 = global mean), got {pool_window!r}")
+    body = build_body(backbone, output_stride, pretrained, dilation=backbone_dilation, bn_momentum=bn_momentum or None)
+    return IncrementalSegmenter(body, [int(n) for n in steps], output_stride=output_stride, head_channels=head_channels,
+                                head_act=head_act, pool_window=pool_window)
 
 
 def load_previous(model: IncrementalSegmenter, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
