@@ -45,7 +45,7 @@ class ExperimentConfig:
     output_stride: int = 8
     pretrained: str = "none"
     """"imagenet", "none" or the path of a backbone state dict."""
-    head_channels: int = 64
+    head_channels: int = 128
     bn_momentum: float = 0.0
     """Momentum of the backbone's BatchNorms; 0 keeps the backbone's own (torchvision
     ResNets 0.1, MobileNetV3 0.01). Reference ``net/resnet_atrous.py``: 0.0003 (``paper``)."""
@@ -69,14 +69,22 @@ class ExperimentConfig:
     """Epochs of step 0."""
     epochs_incremental: int = 20
     """Epochs of every step > 0."""
+    iters: int = 500
+    """Iterations of step 0; when > 0 it replaces ``epochs`` (robust to the dataset's size)."""
+    iters_incremental: int = 100
+    """Iterations of every step > 0; when > 0 it replaces ``epochs_incremental``."""
     lr: float = 0.05
     """Learning rate of step 0."""
-    lr_incremental: float = 0.001
+    lr_incremental: float = 0.005
     """Learning rate of steps > 0."""
+    lr_new_cls: float = 20.0
+    """Learning-rate multiplier of the new step's classifier at steps > 0."""
     momentum: float = 0.9
     weight_decay: float = 1e-4
     lr_power: float = 0.9
     fix_bn: bool = False
+    fix_bn_incremental: bool = False
+    """Freeze BatchNorm (statistics and affine) at steps > 0 only."""
     num_workers: int = 0
     cache_images: bool = True
     """Keep decoded images in memory (small datasets only)."""
@@ -134,7 +142,8 @@ class ExperimentConfig:
             d.pop(k)
         d["data"] = self.data_root or "synthetic"
         if step == 0:
-            for k in ("method", "params", "epochs_incremental", "lr_incremental", "fault_nan_step"):
+            for k in ("method", "params", "epochs_incremental", "lr_incremental", "fault_nan_step", "iters_incremental",
+                      "lr_new_cls", "fix_bn_incremental"):
                 d.pop(k)
             d["classes"] = [list(scenario.steps[0]), sorted(scenario.order)]
         else:
@@ -158,12 +167,14 @@ PROFILES: dict[str, dict[str, Any]] = {
     # 30 epochs / lr 1e-3 then 1e-4; ADE batch 4 / 60 epochs / lr 1e-2 then 1e-3.
     "paper": dict(backbone="resnet101", output_stride=16, pretrained="imagenet", head_channels=256, crop_size=512, batch_size=8,
                   epochs=30, epochs_incremental=30, lr=1e-3, lr_incremental=1e-4, num_workers=4, cache_images=False,
-                  log_every=10, num_samples=4, **REFERENCE_MODEL),
+                  log_every=10, num_samples=4, iters=0, iters_incremental=0, lr_new_cls=1.0, **REFERENCE_MODEL),
     # Quick GPU sweeps: a small backbone at crop 256.
     "small": dict(backbone="resnet18", output_stride=16, pretrained="imagenet", head_channels=256, crop_size=256, batch_size=16,
-                  epochs=10, epochs_incremental=10, lr=1e-2, lr_incremental=1e-3, num_workers=4, cache_images=False),
-    # CPU smoke runs on the synthetic data: a whole 6-step scenario in a minute or two on 2 cores
-    # (the dataclass defaults: tiny backbone, OS 8, 64-channel head, crop 64).
+                  epochs=10, epochs_incremental=10, lr=1e-2, lr_incremental=1e-3, num_workers=4, cache_images=False,
+                  iters=0, iters_incremental=0, lr_new_cls=1.0),
+    # CPU smoke runs on the synthetic data (the dataclass defaults: tiny backbone, OS 8, 128-channel
+    # head, crop 64, batch 16, 500 iterations at lr 0.05 for step 0, 100 iterations at lr 0.005 for
+    # every later step with a 20x learning rate on the new classifier); see docs/CALIBRATION.md.
     "smoke": dict(),
 }
 ADE_PAPER = dict(batch_size=4, epochs=60, epochs_incremental=60, lr=1e-2, lr_incremental=1e-3)
@@ -239,6 +250,9 @@ def resolve_config(scenario: str, method: str = "ft", *, profile: str = "smoke",
             close = difflib.get_close_matches(key, known, n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise ConfigError(f"unknown key {key!r} for method {method!r}{hint}; `csseg methods` lists hyperparameters")
+    for ep, its in (("epochs", "iters"), ("epochs_incremental", "iters_incremental")):
+        if ep in (overrides or {}) and its not in (overrides or {}):
+            values[its] = 0  # an explicit epoch count wins over the profile's iteration budget
     for key, value in (("mode", mode), ("seed", seed), ("data_root", data_root)):
         if value is not None:
             values[key] = value
@@ -255,10 +269,12 @@ def _validate(cfg: ExperimentConfig) -> None:
     for key in positive:
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"{key} must be > 0 (got {getattr(cfg, key)})")
-    if cfg.epochs_incremental < 0 or cfg.lr <= 0 or cfg.lr_incremental <= 0:
+    if cfg.epochs_incremental < 0 or cfg.lr <= 0 or cfg.lr_incremental <= 0 or cfg.lr_new_cls <= 0:
         raise ConfigError("epochs_incremental must be >= 0 and learning rates > 0")
     if not 0.0 <= cfg.val_fraction < 1.0:
         raise ConfigError(f"val_fraction must be in [0, 1) (got {cfg.val_fraction}); e.g. --set val_fraction=0.15")
+    if cfg.iters < 0 or cfg.iters_incremental < 0:
+        raise ConfigError("iters and iters_incremental must be >= 0 (0 = use epochs)")
     if cfg.output_stride not in (8, 16):
         raise ConfigError(f"output_stride must be 8 or 16 (got {cfg.output_stride})")
     if not 0.0 <= cfg.bn_momentum <= 1.0:

@@ -157,7 +157,8 @@ def run_step(cfg: ExperimentConfig, step: int, prev_state: dict | None = None, *
             old_model.load_state_dict(prev_state["model"], strict=True)
             old_model.to(device).eval().requires_grad_(False)
     model.to(device)
-    if cfg.fix_bn:
+    fix_bn = cfg.fix_bn or (step > 0 and cfg.fix_bn_incremental)
+    if fix_bn:
         model.fix_bn()
     n_old = sum(classes[:-1]) if step > 0 else 0
     collect = STATISTICS if step == 0 else method.collects
@@ -172,14 +173,25 @@ def run_step(cfg: ExperimentConfig, step: int, prev_state: dict | None = None, *
                                       alpha=0.9 if step == 0 else cfg.method_params.get("reg_alpha", 0.9))
 
     epochs = cfg.epochs if step == 0 else cfg.epochs_incremental
+    iters = cfg.iters if step == 0 else cfg.iters_incremental
     base_lr = cfg.lr if step == 0 else cfg.lr_incremental
-    optimizer = torch.optim.SGD(model.param_groups(cfg.weight_decay), lr=base_lr, momentum=cfg.momentum, nesterov=True,
-                                foreach=True)
+    groups = model.param_groups(cfg.weight_decay)
+    if step > 0 and cfg.lr_new_cls != 1.0:  # the new classifier gets its own group and multiplier
+        new_cls = {id(p) for p in model.cls[-1].parameters()}
+        for g in groups:
+            if g["name"] == "cls":
+                g["params"] = [p for p in g["params"] if id(p) not in new_cls]
+        groups = [g for g in groups if g["params"]]
+        groups.append({"name": "new_cls", "params": [p for p in model.cls[-1].parameters() if p.requires_grad],
+                       "weight_decay": cfg.weight_decay, "lr_mult": cfg.lr_new_cls})
+    optimizer = torch.optim.SGD(groups, lr=base_lr, momentum=cfg.momentum, nesterov=True, foreach=True)
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     train_loader = _loader(datasets["train"], cfg, train=True, seed=cfg.seed + step)
-    total_iters = max(1, epochs * len(train_loader))
+    if iters > 0:  # an iteration budget: as many (partial) epochs as it takes
+        epochs = math.ceil(iters / max(1, len(train_loader)))
+    total_iters = max(1, iters if iters > 0 else epochs * len(train_loader))
     logger = StepLogger(log_dir if rank == 0 else None, step, scenario, progress=progress and rank == 0,
                         total=total_iters, log_every=cfg.log_every)
     sums: dict[str, float] = {}
@@ -189,13 +201,15 @@ def run_step(cfg: ExperimentConfig, step: int, prev_state: dict | None = None, *
             if isinstance(train_loader.sampler, DistributedSampler):
                 train_loader.sampler.set_epoch(epoch)
             net.train()
-            if cfg.fix_bn:
+            if fix_bn:
                 model.fix_bn()
             t0 = time.perf_counter()
             for image, target in train_loader:
+                if it >= total_iters:
+                    break
                 lr = base_lr * (1 - it / total_iters) ** cfg.lr_power
                 for group in optimizer.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = lr * group.get("lr_mult", 1.0)
                 image, target = image.to(device, non_blocking=True), target.to(device, non_blocking=True)
                 logits, feats = net(image)
                 out = Output(logits, feats["body"], feats["pre_logits"])

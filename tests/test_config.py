@@ -150,3 +150,15 @@ def test_invalid_choice_hyperparameter_is_rejected_up_front():
     for key in ("sparsity_norm", "sparsity_shrink", "sparsity_kind"):
         with pytest.raises(ConfigError, match=key):
             resolve_config("voc-15-1", "sdr", overrides={key: "bogus"})
+
+
+def test_iteration_budget_of_the_smoke_profile_and_explicit_epochs():
+    cfg = resolve_config("voc-15-1")
+    assert cfg.iters > 0 and cfg.iters_incremental > 0 and cfg.lr_new_cls > 1  # the calibrated smoke profile
+    assert resolve_config("voc-15-1", profile="paper").iters == 0            # paper/small count epochs
+    explicit = resolve_config("voc-15-1", overrides={"epochs": 2})
+    assert (explicit.epochs, explicit.iters, explicit.iters_incremental) == (2, 0, cfg.iters_incremental)
+    both = resolve_config("voc-15-1", overrides={"epochs": 2, "iters": 7})
+    assert both.iters == 7
+    with pytest.raises(ConfigError, match="iters"):
+        resolve_config("voc-15-1", overrides={"iters": -1})

@@ -341,3 +341,12 @@ def test_resume_reruns_a_step_whose_checkpoint_has_no_metrics(scenario_run, tmp_
     results = run_scenario(r["cfg"], out, progress=False, echo=lambda s: None)
     assert [m["step"] for m in results] == [0, 1]
     assert [row["step"] for row in read_rows(out / "steps.parquet")] == [0, 1]
+
+
+def test_iteration_budget_and_new_classifier_multiplier(make_cfg, step0_runs):
+    """iters replaces epochs (partial epochs included); lr_new_cls only touches step > 0."""
+    state0, _ = step0_runs["a"]
+    cfg = make_cfg("sdr", iters_incremental=3, lr_new_cls=10.0, fix_bn_incremental=True)
+    assert cfg.step_key(0) == make_cfg().step_key(0)  # step 0 is shared whatever the incremental budget
+    _, metrics = run_step(cfg, 1, state0)
+    assert metrics["iterations"] == 3

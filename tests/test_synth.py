@@ -131,3 +131,45 @@ def test_default_data_root(tmp_path: Path, monkeypatch, capsys) -> None:
         splits=("val",),
     )
     assert len(ds["val"]) > 0
+
+
+@pytest.mark.parametrize("style", ["blobs", "polygons"])
+def test_styles_differ_deterministic_every_class(tmp_path: Path, style: str) -> None:
+    kw = dict(n_train=24, n_val=21, size=48, seed=3)
+    default = synth.generate(tmp_path / "d", "voc", **kw)
+    a = synth.generate(tmp_path / "a", "voc", style=style, **kw)
+    b = synth.generate(tmp_path / "b", "voc", style=style, workers=1, **kw)
+    assert _digest(a) == _digest(b) != _digest(default)
+    voc = a / "VOCdevkit" / "VOC2012"
+    for split in ("train", "val"):
+        ids = (voc / "ImageSets" / "Segmentation" / f"{split}.txt").read_text().split()
+        present = set()
+        for i in ids:
+            present |= set(np.unique(np.asarray(Image.open(voc / "SegmentationClass" / f"{i}.png"))).tolist())
+        assert set(range(21)) | {255} == present, split
+    img_a = np.asarray(Image.open(voc / "JPEGImages" / f"{ids[0]}.jpg"), dtype=np.float32)
+    img_d = np.asarray(Image.open(default / "VOCdevkit" / "VOC2012" / "JPEGImages" / f"{ids[0]}.jpg"), dtype=np.float32)
+    assert np.abs(img_a - img_d).mean() > 10  # a different picture, not a re-encoding
+
+
+def test_styles_distinct_classes_and_ade(tmp_path: Path) -> None:
+    from csseg_core.data.synth_styles import STYLES, class_look
+
+    looks = {}
+    for style in STYLES[1:]:
+        for n in (20, 150):
+            keys = {
+                tuple(sorted((k, tuple(np.round(v, 3)) if isinstance(v, np.ndarray) else v)
+                             for k, v in class_look(style, c, n).items() if k != "radius"))
+                for c in range(1, n + 1)
+            }
+            assert len(keys) == n, (style, n)
+        looks[style] = class_look(style, 1, 20)
+    assert looks["blobs"]["shape"] != looks["polygons"]["shape"]
+    root = synth.generate(tmp_path, "ade", n_train=150, n_val=150, size=32, seed=0, style="blobs")
+    present = set()
+    for p in (root / "ADEChallengeData2016" / "annotations" / "validation").glob("*.png"):
+        present |= set(np.unique(np.asarray(Image.open(p))).tolist())
+    assert present == set(range(151))
+    with pytest.raises(ConfigError, match="style"):
+        synth.generate(tmp_path / "x", "voc", style="zebra")

@@ -9,6 +9,8 @@ all classes and is drawn on top, so every class appears in train and val. VOC ob
 1-2 px void (255) ring like VOC's boundaries; ADE has no void id, so there the ring is 0
 ("other"), as in real ADE annotations. Every image has its own
 ``numpy`` Generator seeded by ``(seed, split, index)``: same seed, byte-identical files.
+This is the ``default`` style; ``generate(style=...)`` (``csseg data synth --style``) draws
+the other looks of :mod:`csseg_core.data.synth_styles`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from csseg_core.data.cache import csseg_home
+from csseg_core.data.synth_styles import STYLES, render_style
 from csseg_core.errors import ConfigError
 
 GENERATOR_VERSION = 1
@@ -129,7 +132,7 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def render(
-    dataset: str, index: int, split_code: int, seed: int, size: int
+    dataset: str, index: int, split_code: int, seed: int, size: int, style: str = "default"
 ) -> tuple[np.ndarray, np.ndarray]:
     """Draw one image and its label map.
 
@@ -139,12 +142,15 @@ def render(
         split_code: 0 for train, 1 for val.
         seed: Dataset seed.
         size: Image side.
+        style: ``"default"`` or another of ``synth_styles.STYLES``.
 
     Returns:
         ``(size x size x 3 uint8 image, size x size uint8 label)``.
     """
     n_cls = NUM_FOREGROUND[dataset]
     void = 255 if dataset == "voc" else 0
+    if style != "default":
+        return render_style(n_cls, void, style, index, split_code, seed, size)
     rng = np.random.default_rng([seed, split_code, index])
     image = _background(rng, size)
     label = np.zeros((size, size), dtype=np.uint8)
@@ -202,6 +208,7 @@ def generate(
     size: int = 96,
     seed: int = 0,
     workers: int | None = None,
+    style: str = "default",
 ) -> Path:
     """Write a synthetic dataset in the real on-disk layout.
 
@@ -213,15 +220,18 @@ def generate(
         size: Image side in pixels.
         seed: Seed; the same seed writes byte-identical files.
         workers: Writer threads (default: one per core, up to 8).
+        style: The look (``synth_styles.STYLES``); ``"default"`` is the embedded dataset's.
 
     Returns:
         ``root``, a data root the readers accept.
 
     Raises:
-        ConfigError: Unknown dataset, or fewer images than classes in a split.
+        ConfigError: Unknown dataset or style, or fewer images than classes in a split.
     """
     if dataset not in NUM_FOREGROUND:
         raise ConfigError(f"unknown dataset {dataset!r}; valid datasets: voc, ade")
+    if style not in STYLES:
+        raise ConfigError(f"unknown synthetic style {style!r}; valid styles: {', '.join(STYLES)}")
     n_cls = NUM_FOREGROUND[dataset]
     n_train = DEFAULTS[dataset]["n_train"] if n_train is None else int(n_train)
     n_val = DEFAULTS[dataset]["n_val"] if n_val is None else int(n_val)
@@ -238,7 +248,7 @@ def generate(
     def write(job: tuple[str, int]) -> str:
         split, i = job
         img_path, lbl_path, name = _layout(root, dataset, split, i)
-        image, label = render(dataset, i, 0 if split == "train" else 1, seed, size)
+        image, label = render(dataset, i, 0 if split == "train" else 1, seed, size, style)
         Image.fromarray(image).save(img_path, quality=95)
         lbl = Image.frombytes("P" if dataset == "voc" else "L", (size, size), label.tobytes())
         if dataset == "voc":
