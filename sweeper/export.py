@@ -19,7 +19,6 @@ from typing import Any, Sequence
 import yaml
 
 from csseg_core.errors import ConfigError, first_line
-
 from csseg_core.metrics import ALL_METRICS, split_metric
 
 from .spec import metric_name

@@ -110,9 +110,9 @@ def reevaluate(sweep_dir: str | os.PathLike, *, top: int, seeds: int, metric: st
         cells.setdefault(e["cell"], []).append(e)
     specs = {cell: _cell_spec(info, es, seed_list, metric, select_on, concurrency, address) for cell, es in cells.items()}
 
-    from .runner import init_ray, run_sweep
-
     import ray
+
+    from .runner import init_ray, run_sweep
 
     own_ray = init_ray(next(iter(specs.values())))
     try:

@@ -12,8 +12,8 @@ import torch
 from typer.testing import CliRunner
 
 from csseg_core.config import resolve_config
-from csseg_core.data import build_datasets, synth
 from csseg_core.data import ade as ade_reader
+from csseg_core.data import build_datasets, synth
 from csseg_core.data import voc as voc_reader
 from csseg_core.errors import ConfigError
 from csseg_core.models import build_model

@@ -45,8 +45,8 @@ Where the images come from (one rule for VOC, ADE and the synthetic sets):
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import hashlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
