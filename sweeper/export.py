@@ -244,7 +244,8 @@ def run_final(best_yaml: str | os.PathLike, seeds: int | Sequence[int] = 3, *, o
         Per entry × scenario: ``{"cell", "tuned_on", "scenario", "transfer", "mode", "method",
         "seeds", "metrics": {m: {"mean", "std", "n", "values"}}}`` over the last step's
         ``val_miou_*`` and ``miou_*`` (std: sample std, 0 for one seed). The same rows go to
-        ``final.parquet`` (one per entry × scenario, ``<metric>_mean`` / ``<metric>_std``).
+        ``final.parquet`` (one per entry × scenario, ``<metric>_mean`` / ``<metric>_std``; a rerun of the
+        same configuration replaces its row, another configuration adds one).
     """
     from csseg_core.results import append_rows, read_rows
     from csseg_core.runner import run_scenario
@@ -289,5 +290,5 @@ def run_final(best_yaml: str | os.PathLike, seeds: int | Sequence[int] = 3, *, o
                        params=json.dumps(entry.get("params", {}), sort_keys=True))
             for k, st in summary["metrics"].items():
                 row[f"{k}_mean"], row[f"{k}_std"] = st["mean"], st["std"]
-            append_rows(out_dir / "final.parquet", [row], key=("cell", "scenario", "mode"))
+            append_rows(out_dir / "final.parquet", [row], key=("cell", "scenario", "mode", "method", "params"))
     return summaries

@@ -38,3 +38,21 @@ def test_run_final_reports_mean_and_std_over_seeds(tmp_path, monkeypatch):
     [one] = run_final(best, seeds=[7], out_dir=tmp_path / "one", overrides={"kd": 3.0})[:1]
     assert one["metrics"]["miou_old"]["std"] == 0.0 and one["seeds"] == [7]
     assert {r["param_kd"] for r in pq.read_table(tmp_path / "one" / "steps.parquet").to_pylist()} == {3.0}
+
+
+def test_final_parquet_keeps_one_row_per_configuration_and_scenario(tmp_path, monkeypatch):
+    monkeypatch.setattr(csseg_core.runner, "run_step", _fake_run_step)
+    entry = {"scenario": "voc-19-1", "mode": "disjoint", "method": "lwf", "profile": "smoke", "seed": 0,
+             "params": {"kd": 10.0, "epochs": 1}, "selected_on": "val"}
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text(yaml.safe_dump(entry))
+    b.write_text(yaml.safe_dump({**entry, "params": {"kd": 3.0, "epochs": 1}}))
+    out = tmp_path / "final"
+    run_final(a, seeds=1, out_dir=out)
+    run_final(b, seeds=1, out_dir=out, scenarios=["voc-19-1", "voc-19-1b"])
+    run_final(a, seeds=1, out_dir=out)  # a rerun replaces its own row
+    rows = pq.read_table(out / "final.parquet").to_pylist()
+    assert sorted((r["scenario"], r["transfer"], r["params"]) for r in rows) == [
+        ("voc-19-1", False, '{"epochs": 1, "kd": 10.0}'), ("voc-19-1", False, '{"epochs": 1, "kd": 3.0}'),
+        ("voc-19-1b", True, '{"epochs": 1, "kd": 3.0}')]
+    assert all(r["miou_all_mean"] == pytest.approx(0.45) and r["selected_on"] == "val" for r in rows)
