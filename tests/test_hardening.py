@@ -619,7 +619,7 @@ def test_sweep_killed_mid_step_resumes_from_its_step_checkpoint(tmp_path, voc_te
     proc = subprocess.Popen(_sweep_cmd(storage, voc_template), stdout=log, stderr=subprocess.STDOUT, env=env,
                             cwd=str(tmp_path), start_new_session=True)
     sweep = storage / "killed"
-    deadline = time.monotonic() + 150
+    deadline = time.monotonic() + 300  # Ray start-up alone can take 2 min on a loaded 2-core box
     step1 = None
     try:
         while time.monotonic() < deadline and proc.poll() is None:
