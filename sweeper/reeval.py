@@ -59,12 +59,12 @@ def _share_step0(src: Path, dst: Path) -> None:
                     shutil.copyfile(f, target)
 
 
-def _cell_spec(info: dict, cell_entries: list[dict], seeds: list[int], metric: str, select_on: str,
+def _cell_spec(sweep_dir: Path, info: dict, cell_entries: list[dict], seeds: list[int], metric: str, select_on: str,
                concurrency: int | None, address: str | None) -> SweepSpec:
     spec0, identity = info.get("spec", {}), info["identity"]
     points = []
     for e in cell_entries:
-        meta = read_json(Path(info["_dir"]) / "rows" / e["trial_id"] / "meta.json") or {}
+        meta = read_json(sweep_dir / "rows" / e["trial_id"] / "meta.json") or {}
         points.append({k: v for k, v in meta.get("hp", {}).items() if k != "seed"})
     if not any(points):
         raise ConfigError(f"cell {cell_entries[0]['cell']} has no searched hyperparameters to re-evaluate "
@@ -76,7 +76,7 @@ def _cell_spec(info: dict, cell_entries: list[dict], seeds: list[int], metric: s
         only_points=True, points=tuple(tuple(sorted(p.items())) for p in points), space=space,
         grid_seeds=tuple(seeds), overrides=identity.get("overrides", {}), profile=identity.get("profile", "smoke"),
         data_root=identity.get("data_root"), seed=int(identity.get("seed", 0)),
-        storage=str(Path(info["_dir"]) / "reeval"), concurrency=concurrency, address=address,
+        storage=str(sweep_dir / "reeval"), concurrency=concurrency, address=address,
         workers_per_trial=int(spec0.get("workers_per_trial", 1)), gpus_per_worker=float(spec0.get("gpus_per_worker", 0)),
         cpus_per_worker=float(spec0.get("cpus_per_worker", 1)), max_failures=int(spec0.get("max_failures", 1)),
         verbose=int(spec0.get("verbose", 1)), dashboard=False)
@@ -99,7 +99,7 @@ def reevaluate(sweep_dir: str | os.PathLike, *, top: int, seeds: int, metric: st
     if top < 1 or seeds < 1:
         raise ConfigError(f"--top and --seeds must be >= 1 (got --top {top} --seeds {seeds})")
     sweep_dir = Path(sweep_dir).resolve()
-    info = {**sweep_info(sweep_dir), "_dir": str(sweep_dir)}
+    info = sweep_info(sweep_dir)
     select_on, metric, _ = selection(info, metric, select_on)
     entries = best_entries(sweep_dir, metric, out_path, select_on=select_on, top=top)
     if not entries:
@@ -108,7 +108,7 @@ def reevaluate(sweep_dir: str | os.PathLike, *, top: int, seeds: int, metric: st
     cells = {}
     for e in entries:
         cells.setdefault(e["cell"], []).append(e)
-    specs = {cell: _cell_spec(info, es, seed_list, metric, select_on, concurrency, address) for cell, es in cells.items()}
+    specs = {cell: _cell_spec(sweep_dir, info, es, seed_list, metric, select_on, concurrency, address) for cell, es in cells.items()}
 
     import ray
 
