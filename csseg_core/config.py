@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from .errors import ConfigError
+from .losses import ATTRACTION_REDUCES, FEATURE_GATHERS
 from .methods import build_method, canonical_method, method_defaults
 from .scenarios import check_mode, get_scenario
 
@@ -59,6 +60,19 @@ class ExperimentConfig:
     pool_window: int = 0
     """Eval-time window of the head's image-pool branch; 0 = global mean, 32 = the reference's
     ``--pooling 32`` (``paper``; equal to the global mean up to 32×32 feature maps)."""
+    sdr_feature_gather: str = "pixel"
+    """How the prototype update, SDR's L_pm, L_cl^a and the class means of L_cl^r gather a class's
+    features: "pixel" (every vector is one pixel's features) or "reference" (the official code's
+    boolean mask over channels read channel-major and reshaped: D×N, and N×D for L_pm; mixes the
+    channels of different images at batch > 1). ``docs/DEPARTURES.md`` §1–2. Also applies to the
+    prototypes collected at step 0, so it enters step 0's key."""
+    attraction_reduce: str = "mean"
+    """How SDR's L_cl^a combines its per-class terms: "mean" (1/K Σ) or "reference" (the official
+    code divides its running sum by K inside the class loop: Σ_k term_k / K^(K−k+1)). §3."""
+    sync_prototypes: bool = True
+    """All-reduce the prototype statistics across DDP ranks every iteration (true) or keep one
+    running mean per rank and save rank 0's, as the official code (false). A no-op on one process
+    (``--workers 1``, the default). §4."""
     crop_size: int = 64
     crop_val: bool = True
     val_fraction: float = 0.15
@@ -145,6 +159,7 @@ class ExperimentConfig:
             for k in ("method", "params", "epochs_incremental", "lr_incremental", "fault_nan_step", "iters_incremental",
                       "lr_new_cls", "fix_bn_incremental"):
                 d.pop(k)
+            d.pop("attraction_reduce", None)  # a loss of steps > 0 (popped above when default)
             d["classes"] = [list(scenario.steps[0]), sorted(scenario.order)]
         else:
             d["classes"] = [list(s) for s in scenario.steps[: step + 1]]
@@ -158,7 +173,8 @@ class ExperimentConfig:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(ExperimentConfig) if f.name not in ("scenario", "method", "params")}
-_HASHED_IF_SET = {k: _FIELDS[k].default for k in ("bn_momentum", "backbone_dilation", "head_act", "pool_window")}
+_HASHED_IF_SET = {k: _FIELDS[k].default for k in ("bn_momentum", "backbone_dilation", "head_act", "pool_window",
+                                                   "sdr_feature_gather", "attraction_reduce", "sync_prototypes")}
 # The reference network (SDR ``make_model_v2``: ``net/resnet_atrous.py`` + ``modules/deeplab.py``).
 REFERENCE_MODEL = dict(bn_momentum=0.0003, backbone_dilation="reference", head_act="none", pool_window=32)
 
@@ -279,7 +295,8 @@ def _validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"output_stride must be 8 or 16 (got {cfg.output_stride})")
     if not 0.0 <= cfg.bn_momentum <= 1.0:
         raise ConfigError(f"bn_momentum must be in [0, 1] (got {cfg.bn_momentum}; 0 = the backbone's own); e.g. --set bn_momentum=0.0003")
-    choices = {"backbone_dilation": ("torchvision", "reference"), "head_act": ("relu", "none")}
+    choices = {"backbone_dilation": ("torchvision", "reference"), "head_act": ("relu", "none"),
+               "sdr_feature_gather": FEATURE_GATHERS, "attraction_reduce": ATTRACTION_REDUCES}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise ConfigError(f"{key} must be one of {', '.join(allowed)} (got {getattr(cfg, key)!r}); e.g. --set {key}={allowed[0]}")

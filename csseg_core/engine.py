@@ -10,7 +10,8 @@ Usage from Python (``csseg train`` wraps ``run_scenario``)::
 
 The step is DDP-aware: when a ``torch.distributed`` process group exists (``torchrun`` or a Ray
 Train worker) data are sharded, gradients averaged, the confusion matrix and the prototypes
-all-reduced. It starts no process itself and never imports Ray.
+all-reduced (the prototypes unless ``sync_prototypes`` is false). It starts no process itself
+and never imports Ray.
 """
 
 from __future__ import annotations
@@ -163,14 +164,16 @@ def run_step(cfg: ExperimentConfig, step: int, prev_state: dict | None = None, *
     n_old = sum(classes[:-1]) if step > 0 else 0
     collect = STATISTICS if step == 0 else method.collects
     ctx = StepContext(step=step, mode=cfg.mode, n_old=n_old, num_classes=sum(classes), model=model, old_model=old_model,
-                      prev_statistics=prev_stats, old_params=old_params)
+                      prev_statistics=prev_stats, old_params=old_params, feature_gather=cfg.sdr_feature_gather,
+                      attraction_reduce=cfg.attraction_reduce)
     try:
         method.setup(ctx)
     except KeyError as err:
         raise ConfigError(f"method {cfg.method!r} cannot start step {step}: {err.args[0]}") from None
     ctx.collectors = build_collectors(collect, model=model, step=step, mode=cfg.mode, num_classes=sum(classes),
                                       dim=model.body_channels, prev=prev_stats, device=device,
-                                      alpha=0.9 if step == 0 else cfg.method_params.get("reg_alpha", 0.9))
+                                      alpha=0.9 if step == 0 else cfg.method_params.get("reg_alpha", 0.9),
+                                      gather=cfg.sdr_feature_gather, sync_prototypes=cfg.sync_prototypes)
 
     epochs = cfg.epochs if step == 0 else cfg.epochs_incremental
     iters = cfg.iters if step == 0 else cfg.iters_incremental

@@ -6,7 +6,8 @@ steps collect what their method declares in ``Method.collects``.
 
 Each collector has ``observe`` (before the loss, with detached features), ``after_backward``
 (with the main loss' gradients, before the optimizer step) and ``finalize`` (returns the
-tensors stored in the state; all-reduced across workers where they differ per worker).
+tensors stored in the state; all-reduced across workers where they differ per worker; the
+prototypes are all-reduced batch by batch unless ``sync_prototypes`` is false).
 """
 
 from __future__ import annotations
@@ -32,9 +33,18 @@ class Prototypes:
     every iteration with the classes of this step. Background (0) is not updated when the
     step's labels do not define it: in overlapped mode, and at steps > 0 outside sequential
     mode (old classes are labelled background there).
+
+    ``gather``: how a class's feature vectors are gathered (:func:`losses.class_feature_sums`;
+    "reference" = the official code's channel-major selection, ``docs/DEPARTURES.md`` §1).
+    ``sync``: all-reduce each batch's sums and counts across DDP ranks so that every rank holds
+    the running means over all ranks' images (default); False keeps one running mean per rank,
+    as the reference (§4), and the state then holds rank 0's. Without a process group (one
+    process) both are the same.
     """
 
-    def __init__(self, num_classes: int, dim: int, step: int, mode: str, prev: Mapping | None, device) -> None:
+    def __init__(self, num_classes: int, dim: int, step: int, mode: str, prev: Mapping | None, device,
+                 gather: str = "pixel", sync: bool = True) -> None:
+        self.gather, self.sync = gather, sync
         self.previous = torch.zeros(num_classes, dim, device=device)
         self.prev_counts = torch.zeros(num_classes, device=device, dtype=torch.float64)
         if prev:
@@ -48,8 +58,10 @@ class Prototypes:
 
     @torch.no_grad()
     def observe(self, features: torch.Tensor, labels: torch.Tensor) -> None:
-        sums, counts = L.class_feature_sums(features.detach(), labels, self.current.shape[0])
-        sums, counts = _all_reduce(sums.double()), _all_reduce(counts.double())  # the same running means on every rank
+        sums, counts = L.class_feature_sums(features.detach(), labels, self.current.shape[0], gather=self.gather)
+        sums, counts = sums.double(), counts.double()
+        if self.sync:  # the same running means on every rank
+            sums, counts = _all_reduce(sums), _all_reduce(counts)
         if self.skip_background:
             counts = counts.clone()
             counts[0] = 0
@@ -66,7 +78,7 @@ class Prototypes:
         pass
 
     def finalize(self, model) -> dict:
-        sums, counts = self.sums, self.counts  # already summed over ranks in observe
+        sums, counts = self.sums, self.counts  # already summed over ranks in observe (when sync)
         total = self.prev_counts + counts
         protos = (self.previous.double() * self.prev_counts[:, None] + sums) / total.clamp(min=1)[:, None]
         keep = total == 0
@@ -175,15 +187,18 @@ class RWalk:
         return {"rw": out}
 
 
-def build_collectors(names, *, model, step: int, mode: str, num_classes: int, dim: int, prev: Mapping | None, device, alpha: float = 0.9) -> dict:
-    """Collectors for ``names`` (a subset of :data:`csseg_core.methods.STATISTICS`)."""
+def build_collectors(names, *, model, step: int, mode: str, num_classes: int, dim: int, prev: Mapping | None, device,
+                     alpha: float = 0.9, gather: str = "pixel", sync_prototypes: bool = True) -> dict:
+    """Collectors for ``names`` (a subset of :data:`csseg_core.methods.STATISTICS`); ``gather`` and
+    ``sync_prototypes`` configure :class:`Prototypes`."""
     names = set(names)
     if "rw" in names:
         names.add("fisher")
     out: dict = {}
     if "prototypes" in names:
         has_prev = prev and "prototypes" in prev
-        out["prototypes"] = Prototypes(num_classes, dim, step, mode, prev if has_prev else None, device)
+        out["prototypes"] = Prototypes(num_classes, dim, step, mode, prev if has_prev else None, device,
+                                       gather=gather, sync=sync_prototypes)
     if "fisher" in names:
         out["fisher"] = Fisher(model, prev, alpha)
     if "pi" in names:

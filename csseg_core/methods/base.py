@@ -59,6 +59,8 @@ class StepContext:
     ``n_old`` is the number of output channels of the previous step's model (background
     included), 0 at step 0. ``prev_statistics`` comes from the previous state;
     ``collectors`` are the live statistics of this step (e.g. SDR's running prototypes).
+    ``feature_gather`` and ``attraction_reduce`` are the config's ``sdr_feature_gather`` and
+    ``attraction_reduce`` (reference-compatibility switches of SDR's losses, docs/DEPARTURES.md §1–3).
     """
 
     step: int
@@ -70,6 +72,8 @@ class StepContext:
     prev_statistics: Mapping[str, Any]
     old_params: Mapping[str, torch.Tensor]
     collectors: Mapping[str, Any] = field(default_factory=dict)
+    feature_gather: str = "pixel"
+    attraction_reduce: str = "mean"
 
 
 class Method:

@@ -3,7 +3,10 @@ constraints on the backbone features: prototype matching, attraction to the clas
 prototypes, repulsion between on-batch class centroids, and feature sparsity.
 
 Defaults are the reference ``--method SDR`` preset. Prototypes are running means of the
-``body`` features per class, collected at every step (all-reduced across workers).
+``body`` features per class, collected at every step (all-reduced across workers unless
+``sync_prototypes=false``). The engine fields ``sdr_feature_gather`` and ``attraction_reduce``
+(``StepContext``) switch the losses to the reference code's accidental behaviour
+(docs/DEPARTURES.md §1–3); the defaults are the paper's maths.
 """
 
 from __future__ import annotations
@@ -67,11 +70,13 @@ class SDR(UnbiasedMixin, Method):
                 old_pred = old.logits.argmax(1, keepdim=True).float()
                 pseudo = F.interpolate(old_pred, size=labels.shape[-2:], mode="nearest")[:, 0].long()
                 pseudo = pseudo * (labels == 0)
-            terms["pm"] = p.pm * L.prototype_matching(feats, pseudo, protos.previous, p.pm_sum_after)
+            terms["pm"] = p.pm * L.prototype_matching(feats, pseudo, protos.previous, p.pm_sum_after,
+                                                      gather=ctx.feature_gather)
         if p.attraction > 0:
-            terms["attraction"] = p.attraction * L.attraction(feats, labels, protos.current)
+            terms["attraction"] = p.attraction * L.attraction(feats, labels, protos.current, gather=ctx.feature_gather,
+                                                              reduce=ctx.attraction_reduce)
         if p.repulsion > 0:
-            terms["repulsion"] = p.repulsion * L.repulsion(feats, labels)
+            terms["repulsion"] = p.repulsion * L.repulsion(feats, labels, gather=ctx.feature_gather)
         if p.sparsity > 0:
             terms["sparsity"] = p.sparsity * L.feature_sparsity(feats, labels, p.sparsity_norm, p.sparsity_shrink, p.sparsity_kind)
         return terms
