@@ -162,3 +162,48 @@ def test_iteration_budget_of_the_smoke_profile_and_explicit_epochs():
     assert both.iters == 7
     with pytest.raises(ConfigError, match="iters"):
         resolve_config("voc-15-1", overrides={"iters": -1})
+
+
+# ----------------------------------------------------------------- reference-compatibility switches (DEPARTURES §1–4)
+SWITCHES = {"sdr_feature_gather": ("pixel", "reference"), "attraction_reduce": ("mean", "reference"),
+            "sync_prototypes": (True, False)}
+
+
+@pytest.mark.parametrize("profile", list(PROFILES))
+def test_every_profile_keeps_the_intended_maths_by_default(profile):
+    cfg = resolve_config("voc-15-1", "sdr", profile=profile)
+    assert {k: getattr(cfg, k) for k in SWITCHES} == {k: v[0] for k, v in SWITCHES.items()}
+
+
+def test_switches_are_set_from_command_line_strings_and_round_trip():
+    cfg = resolve_config("voc-15-1", "sdr", overrides=parse_set(
+        ["sdr_feature_gather=reference", "attraction_reduce=reference", "sync_prototypes=false"]))
+    assert {k: getattr(cfg, k) for k in SWITCHES} == {k: v[1] for k, v in SWITCHES.items()}
+    assert ExperimentConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("key, value, needle", [
+    ("sdr_feature_gather", "channels", "sdr_feature_gather must be one of pixel, reference (got 'channels')"),
+    ("attraction_reduce", "sum", "attraction_reduce must be one of mean, reference (got 'sum')"),
+    ("sync_prototypes", "maybe", "sync_prototypes='maybe' is not a valid bool"),
+])
+def test_bad_switch_values_are_one_line_config_errors(key, value, needle):
+    with pytest.raises(ConfigError) as err:
+        resolve_config("voc-15-1", "sdr", overrides=parse_set([f"{key}={value}"]))
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_switches_enter_the_step_keys_and_leave_existing_keys_unchanged():
+    # keys computed before the switches existed: the defaults keep every cached state valid
+    assert [resolve_config("voc-15-1", "sdr").step_key(s) for s in (0, 1)] == ["dde2f6948df5356a", "65088e820a874c1a"]
+    assert [resolve_config("voc-15-1", "sdr", profile="paper").step_key(s) for s in (0, 1)] == \
+        ["0eeca5214ddeb555", "5922f4e8ee134316"]
+    base = resolve_config("voc-15-1", "sdr")
+    explicit = resolve_config("voc-15-1", "sdr", overrides={k: v[0] for k, v in SWITCHES.items()})
+    assert [explicit.step_key(s) for s in (0, 1)] == [base.step_key(s) for s in (0, 1)]
+    gather = base.replace(sdr_feature_gather="reference")      # the step-0 prototypes change too
+    assert gather.step_key(0) != base.step_key(0) and gather.step_key(1) != base.step_key(1)
+    sync = base.replace(sync_prototypes=False)                 # idem under DDP
+    assert sync.step_key(0) != base.step_key(0) and sync.step_key(1) != base.step_key(1)
+    reduce = base.replace(attraction_reduce="reference")       # a loss of steps > 0 only
+    assert reduce.step_key(0) == base.step_key(0) and reduce.step_key(1) != base.step_key(1)

@@ -373,6 +373,135 @@ def test_batch2_attraction_matches_loop_on_random_batch():
     assert L.attraction(f, y, protos).item() == pytest.approx(np.mean(per_class))
 
 
+# ----------------------------------------------------------------- reference-compatibility options (DEPARTURES §1–3)
+
+def _channel_major(f, mask, rows="channels"):
+    """Independent rendering of the reference selection ``F[mask.expand(B, D, h, w)]``: loop over
+    (b, c, y, x) in that order, keep the masked elements, reshape to D×N (or N×D)."""
+    b, d, h, w = f.shape
+    vals = [f[i, c, y, x].item() for i in range(b) for c in range(d) for y in range(h) for x in range(w)
+            if bool(mask[i, y, x])]
+    return np.array(vals).reshape((d, -1) if rows == "channels" else (-1, d))
+
+
+def _mix_protos():
+    return t([[0.0, 1.0, 2.0], [1.0, 2.0, 0.5], [3.0, 0.0, 1.0]])
+
+
+def test_reference_gather_is_channel_major_and_per_pixel_only_at_batch1():
+    f, y = _mixing_batch()
+    for c in (0, 1, 2):
+        for rows in ("channels", "pixels"):
+            assert np.allclose(L.reference_gather(f, y == c, rows).numpy(), _channel_major(f, y == c, rows))
+    # batch 1: the columns of D×N are the pixels' feature vectors; batch 2: they are not
+    one = L.reference_gather(f[:1], y[:1] == 1).T.numpy()
+    assert np.allclose(one, [f[0, :, 0, 0].numpy(), f[0, :, 0, 1].numpy()])
+    two = L.reference_gather(f, y == 1).T.numpy()
+    pixel = [f[b, :, i, j].numpy() for b in range(2) for i in range(2) for j in range(2) if y[b, i, j] == 1]
+    assert not np.allclose(two, pixel)
+    with pytest.raises(ValueError, match="rows"):
+        L.reference_gather(f, y == 1, "cols")
+
+
+def test_reference_class_feature_sums_are_row_sums_of_the_channel_major_matrix():
+    f, y = _mixing_batch()
+    sums, counts = L.class_feature_sums(f, y, 3, gather="reference")
+    for c in (0, 1, 2):
+        sel = _channel_major(f, y == c)
+        assert np.allclose(sums[c].numpy(), sel.sum(1)) and counts[c].item() == sel.shape[1]
+    pix_sums, pix_counts = L.class_feature_sums(f, y, 3)
+    assert torch.equal(counts, pix_counts) and not torch.allclose(sums, pix_sums)     # they differ at batch 2
+    s1, c1 = L.class_feature_sums(f[:1], y[:1], 3, gather="reference")               # and agree at batch 1
+    p1, q1 = L.class_feature_sums(f[:1], y[:1], 3)
+    assert torch.allclose(s1, p1) and torch.equal(c1, q1)
+    y255 = y.clone()
+    y255[0, 0, 0] = 255
+    s, c = L.class_feature_sums(f, y255, 2, gather="reference")  # 255 and classes >= num_classes skipped
+    assert c.tolist() == [2, 2] and np.allclose(s[1].numpy(), _channel_major(f, y255 == 1).sum(1))
+
+
+def test_reference_attraction_against_the_reference_formula():
+    f, y = _mixing_batch()
+    protos = _mix_protos()
+    terms = [((_channel_major(f, y == c) - protos[c].numpy()[:, None]) ** 2).mean() for c in (0, 1, 2)]
+    assert L.attraction(f, y, protos, gather="reference").item() == pytest.approx(np.mean(terms))
+    # the reference's loop: running sum divided by K = 3 inside the loop
+    running = 0.0
+    for term in terms:
+        running = (running + term) / 3
+    both = L.attraction(f, y, protos, gather="reference", reduce="reference").item()
+    assert both == pytest.approx(running) == pytest.approx(terms[0] / 27 + terms[1] / 9 + terms[2] / 3)
+    # ours (the default) is the per-pixel mean and differs on this batch
+    ours = L.attraction(f, y, protos)
+    assert ours.item() == pytest.approx(L.attraction(f, y, protos, gather="pixel", reduce="mean").item())
+    assert abs(ours.item() - np.mean(terms)) > 1e-3
+
+
+def test_reference_attraction_reduce_divides_inside_the_loop():
+    protos = t([[0.0, 0.0], [1.0, 1.0]])
+    f = feats_px([[1.0, 0.0], [0.0, 0.0], [1.0, 3.0]])
+    y = torch.tensor([[[0, 0, 1]]])
+    a, b = 0.25, 2.0  # per-class terms of test_attraction_hand
+    assert L.attraction(f, y, protos).item() == pytest.approx(a / 2 + b / 2)       # default unchanged
+    assert L.attraction(f, y, protos, reduce="reference").item() == pytest.approx(a / 4 + b / 2)
+    # batch 1: the reference gathering gives per-pixel vectors, so only the reduction matters
+    assert L.attraction(f, y, protos, gather="reference", reduce="reference").item() == pytest.approx(a / 4 + b / 2)
+    assert L.attraction(f, y[:, :, :1].expand(1, 1, 3).clone(), protos, reduce="reference").item() == \
+        pytest.approx(L.attraction(f, torch.zeros_like(y), protos).item())            # K = 1: the same
+    with pytest.raises(ValueError, match="reduce"):
+        L.attraction(f, y, protos, reduce="sum")
+    with pytest.raises(ValueError, match="gather"):
+        L.attraction(f, y, protos, gather="channels")
+
+
+def test_reference_repulsion_uses_row_means_of_the_channel_major_matrix():
+    f, y = _mixing_batch()
+    means = [_channel_major(f, y == c).mean(1) for c in (0, 1, 2)]
+    inv = [1 / np.linalg.norm(means[j] - means[k]) for j in range(3) for k in range(3) if j != k]
+    assert L.repulsion(f, y, gather="reference").item() == pytest.approx(np.mean(inv))
+    pix = [np.mean([f[b, :, i, j].numpy() for b in range(2) for i in range(2) for j in range(2) if y[b, i, j] == c], 0)
+           for c in (0, 1, 2)]
+    ours = np.mean([1 / np.linalg.norm(pix[j] - pix[k]) for j in range(3) for k in range(3) if j != k])
+    assert L.repulsion(f, y).item() == pytest.approx(ours) and abs(ours - np.mean(inv)) > 1e-4
+    assert L.repulsion(f[:1], y[:1], gather="reference").item() == pytest.approx(L.repulsion(f[:1], y[:1]).item())
+
+
+def test_reference_prototype_matching_reshapes_the_selection_to_n_by_d():
+    f, y = _mixing_batch()
+    protos = _mix_protos()
+    rows = {c: _channel_major(f, y == c, "pixels") for c in (1, 2)}
+    after = np.mean([((rows[c].mean(0) - protos[c].numpy()) ** 2).mean() for c in (1, 2)])
+    per_row = sum(np.mean([((r - protos[c].numpy()) ** 2).mean() for r in rows[c]]) for c in (1, 2))
+    assert L.prototype_matching(f, y, protos, True, gather="reference").item() == pytest.approx(after)
+    assert L.prototype_matching(f, y, protos, False, gather="reference").item() == pytest.approx(per_row)
+    # even at batch 1 the N×D rows are not pixel vectors once a class has 2 pixels (class 1 of image 0)
+    one_ref = L.prototype_matching(f[:1], y[:1], protos, gather="reference").item()
+    assert abs(one_ref - L.prototype_matching(f[:1], y[:1], protos).item()) > 1e-3
+    # the default stays the per-pixel class mean
+    vecs = {c: [f[b, :, i, j].numpy() for b in range(2) for i in range(2) for j in range(2) if y[b, i, j] == c]
+            for c in (1, 2)}
+    exp = np.mean([((np.mean(vecs[c], 0) - protos[c].numpy()) ** 2).mean() for c in (1, 2)])
+    assert L.prototype_matching(f, y, protos).item() == pytest.approx(exp) and abs(exp - after) > 1e-3
+
+
+@pytest.mark.parametrize("all_ignored", [False, True])
+def test_reference_options_finite_with_grad(all_ignored):
+    f = torch.rand(2, 4, 3, 3, generator=gen(40), dtype=D64).requires_grad_()
+    y = torch.randint(0, 3, (2, 3, 3), generator=gen(41))
+    if all_ignored:
+        y[:] = 255
+    protos = torch.rand(3, 4, generator=gen(42), dtype=D64)
+    for out in (L.attraction(f, y, protos, gather="reference", reduce="reference"),
+                L.repulsion(f, y, gather="reference"),
+                L.prototype_matching(f, y, protos, True, gather="reference"),
+                L.prototype_matching(f, y, protos, False, gather="reference")):
+        assert out.dim() == 0 and torch.isfinite(out) and out.requires_grad
+        (grad,) = torch.autograd.grad(out, f)
+        assert torch.isfinite(grad).all()
+        if all_ignored:
+            assert out.item() == 0.0
+
+
 # ----------------------------------------------------------------- helpers, EWC, robustness
 
 def test_downsample_labels_nearest():
