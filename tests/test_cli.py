@@ -159,6 +159,8 @@ def _bad_inputs(voc_root: Path, tmp: Path):
         "unknown key": (["train", "voc-15-1", "--set", "nokey=1"], "unknown key 'nokey'"),
         "bad int": (["train", "voc-15-1", "--set", "epochs=abc"], "epochs='abc'"),
         "bad float": (["train", "voc-15-1", "--method", "sdr", "--set", "kd=x"], "kd='x'"),
+        "bad reference switch": (["train", "voc-15-1", "--method", "sdr", "--set", "sdr_feature_gather=channels"],
+                                 "sdr_feature_gather must be one of pixel, reference (got 'channels')"),
         "not key=value": (["train", "voc-15-1", "--set", "epochs"], "key=value"),
         "step out of range": (["train", "voc-15-1", "--step", "9", "--out", str(tmp / "o1")], "--step 9 is out of range"),
         "step without its previous checkpoint": (["train", "voc-15-1", "--step", "2", "--out", str(tmp / "o3"),
@@ -174,7 +176,8 @@ def _bad_inputs(voc_root: Path, tmp: Path):
     }
 
 
-CASES = ["unknown scenario", "unknown method", "unknown key", "bad int", "bad float", "not key=value", "step out of range",
+CASES = ["unknown scenario", "unknown method", "unknown key", "bad int", "bad float", "bad reference switch", "not key=value",
+         "step out of range",
          "step without its previous checkpoint",
          "missing data root", "unwritable out", "missing config", "missing checkpoint", "missing step ckpt",
          "foreign checkpoint"]

@@ -248,6 +248,28 @@ def test_step0_state_does_not_depend_on_method_hyperparameters(make_cfg, step0):
     assert _same(stats["fisher"], ref["fisher"])
 
 
+# ----------------------------------------------------------------------------- reference switches (DEPARTURES §1–4)
+def test_reference_switches_run_steps_0_and_1_with_finite_losses(make_cfg, step0, step1):
+    cfg = make_cfg("sdr", sdr_feature_gather="reference", attraction_reduce="reference", sync_prototypes=False)
+    state0, _ = run_step(cfg, 0)
+    ref = step0[0]
+    # step 0 trains the same model (one process: sync_prototypes is a no-op); only the gathering of
+    # the prototypes differs (batch 16: the reference's channel-major rows mix images)
+    assert _weights_equal(state0["model"], ref["model"])
+    stats = state0["statistics"]
+    assert torch.equal(stats["prototype_counts"], ref["statistics"]["prototype_counts"])
+    assert not torch.allclose(stats["prototypes"], ref["statistics"]["prototypes"])
+    _, metrics = run_step(cfg, 1, state0)
+    assert set(metrics["losses"]) == TERMS["sdr"] and metrics["iterations"] == 2
+    assert all(math.isfinite(v) for v in metrics["losses"].values()), metrics["losses"]
+    assert math.isfinite(metrics["miou_all"])
+    # attraction_reduce alone, from the shared step 0: the attraction term changes, the run stays finite
+    _, _, ours = step1("sdr")
+    _, _, reduced = step1("sdr", attraction_reduce="reference")
+    assert math.isfinite(reduced["losses"]["attraction"])
+    assert reduced["losses"]["attraction"] != pytest.approx(ours["losses"]["attraction"], rel=1e-3)
+
+
 # ----------------------------------------------------------------------------- determinism, faults
 def test_step1_is_deterministic_for_one_seed(step1, make_cfg, step0):
     _, state, metrics = step1("sdr")

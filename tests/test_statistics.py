@@ -199,7 +199,12 @@ def _proto_worker(out_dir: str) -> None:
     for i, (f, lab) in enumerate(_batches()):
         if i % world == rank:
             p.observe(f, lab)
-    torch.save({"final": p.finalize(None), "current": p.current.clone()}, Path(out_dir) / f"rank{rank}.pt")
+    own = Prototypes(C, D, step=1, mode="disjoint", prev=_prev_prototypes(), device="cpu", sync=False)
+    for i, (f, lab) in enumerate(_batches()):
+        if i % world == rank:
+            own.observe(f, lab)
+    torch.save({"final": p.finalize(None), "current": p.current.clone(), "unsynced": own.finalize(None)},
+               Path(out_dir) / f"rank{rank}.pt")
 
 
 @pytest.fixture(scope="module")
@@ -226,3 +231,53 @@ def test_running_prototypes_during_the_step_are_synchronised(ddp_prototypes):
     ranks, single = ddp_prototypes
     for r in ranks:
         torch.testing.assert_close(r["current"], single.current, rtol=1e-6, atol=1e-6)
+
+
+def test_unsynchronised_prototypes_keep_one_running_mean_per_rank(ddp_prototypes):
+    """sync_prototypes=false (the reference, DEPARTURES §4): each rank's prototypes see only its shard."""
+    ranks, _ = ddp_prototypes
+    for rank, r in enumerate(ranks):
+        shard = Prototypes(C, D, step=1, mode="disjoint", prev=_prev_prototypes(), device="cpu")
+        for i, (f, lab) in enumerate(_batches()):
+            if i % 2 == rank:
+                shard.observe(f, lab)
+        expected = shard.finalize(None)
+        torch.testing.assert_close(r["unsynced"]["prototype_counts"], expected["prototype_counts"], rtol=0, atol=0)
+        torch.testing.assert_close(r["unsynced"]["prototypes"], expected["prototypes"], rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(ranks[0]["unsynced"]["prototypes"], ranks[1]["unsynced"]["prototypes"])
+
+
+def test_sync_prototypes_is_a_no_op_on_one_process():
+    out = []
+    for sync in (True, False):
+        p = Prototypes(C, D, step=1, mode="disjoint", prev=_prev_prototypes(), device="cpu", sync=sync)
+        for f, lab in _batches():
+            p.observe(f, lab)
+        out.append((p.finalize(None), p.current.clone()))
+    (a, ca), (b, cb) = out
+    assert torch.equal(a["prototypes"], b["prototypes"]) and torch.equal(a["prototype_counts"], b["prototype_counts"])
+    assert torch.equal(ca, cb)
+
+
+def test_reference_gathered_prototypes_are_running_means_of_channel_major_rows():
+    """sdr_feature_gather=reference (DEPARTURES §1): row sums of the (b, c, h, w)-ordered selection."""
+    batches = _batches(3)
+    p = Prototypes(C, D, step=0, mode="disjoint", prev=None, device="cpu", gather="reference")
+    ours = Prototypes(C, D, step=0, mode="disjoint", prev=None, device="cpu")
+    sums, counts = torch.zeros(C, D, dtype=torch.float64), torch.zeros(C, dtype=torch.float64)
+    for f, lab in batches:
+        p.observe(f, lab)
+        ours.observe(f, lab)
+        for c in range(C):
+            vals = [f[b, ch, y, x].item() for b in range(f.shape[0]) for ch in range(D) for y in range(4) for x in range(4)
+                    if lab[b, y, x] == c]
+            sel = torch.tensor(vals, dtype=torch.float64).reshape(D, -1)
+            sums[c] += sel.sum(1)
+            counts[c] += sel.shape[1]
+    out = p.finalize(None)
+    torch.testing.assert_close(out["prototype_counts"], counts)
+    torch.testing.assert_close(out["prototypes"], (sums / counts[:, None]).float(), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(out["prototypes"], ours.finalize(None)["prototypes"])  # batch 2: channels mixed
+    built = build_collectors(["prototypes"], model=None, step=0, mode="disjoint", num_classes=C, dim=D, prev=None,
+                             device="cpu", gather="reference", sync_prototypes=False)["prototypes"]
+    assert (built.gather, built.sync) == ("reference", False)
