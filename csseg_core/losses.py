@@ -6,7 +6,8 @@ B×H×W pixels, ignored (255) pixels contributing 0 but counting in the denomina
 published loss weights keep their meaning. Teacher tensors (old logits, old features,
 prototypes) are detached. When nothing applies (e.g. every label is 255) the result is a zero
 that keeps a grad path, never NaN. Where we implement the intended maths instead of the
-reference code's behaviour, ``docs/DEPARTURES.md`` says so.
+reference code's behaviour, ``docs/DEPARTURES.md`` says so; SDR's prototype losses take
+``gather="reference"`` / ``reduce="reference"`` to reproduce the reference's accidents (§1–3).
 """
 
 from __future__ import annotations
