@@ -7,6 +7,7 @@
     csseg test runs/<run>/checkpoints/step5-<key>.pt  # evaluate a checkpoint
     csseg sweep voc-15-1 --method sdr --trials 8      # Ray Tune + Optuna sweep
     csseg results DIR | csseg export-best DIR --out best.yaml | csseg final best.yaml --seeds 3
+    csseg report DIR                                  # report.html + PNGs + report.md of a sweep or a run
 
 Bad input ends with one line on stderr naming the problem and the fix, and a non-zero exit.
 """
@@ -428,6 +429,17 @@ def export_best(sweep_dir: Path = typer.Argument(..., help="A sweep folder."),
     if seeds:
         _print_leaderboard(sweep_dir, metric, top, select_on)
     typer.echo(f"wrote {path}; run it with: csseg train --config {path}  (or csseg final {path} --seeds 3)")
+
+
+@app.command()
+@user_errors
+def report(folder: Path = typer.Argument(..., help="A sweep folder (sweeps/<name>) or a run folder (runs/<run>)."),
+           out: Optional[Path] = typer.Option(None, help="Output folder; default: FOLDER/report.")):
+    """Plots of a sweep or a run: report.html (interactive, works offline), PNGs and report.md."""
+    from sweeper.report import report as make_report
+
+    written = make_report(folder, out)
+    typer.echo(f"wrote {written['html']} ({written['figures']} figures), {len(written['pngs'])} PNGs and {written['md']}")
 
 
 @app.command()
