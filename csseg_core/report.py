@@ -232,10 +232,10 @@ def write_report(out_dir: str | os.PathLike, title: str, sections: Sequence[Sect
     return {"html": page, "pngs": pngs, "figures": index}
 
 
-def safe(build: Callable[[], Figure | None], notes: list[str], what: str) -> list[Figure]:
-    """Run a figure builder; a failure becomes a note instead of stopping the report."""
+def safe(notes: list[str], what: str, build: Callable[..., Figure | None], *args: Any) -> list[Figure]:
+    """``[build(*args)]``; a failure becomes a line in ``notes`` instead of stopping the report."""
     try:
-        fig = build()
+        fig = build(*args)
     except Exception as err:  # noqa: BLE001 - one figure must never sink the report
         notes.append(f"{what}: not drawn ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})")
         return []
@@ -270,10 +270,10 @@ def report_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
     first = rows[0]
     names = class_names(first.get("scenario"))
     section = Section(f"{first.get('scenario')} · {first.get('mode')} · {first.get('method')}")
-    section.figures += safe(lambda: miou_per_step(groups, "mIoU per step"), section.notes, "mIoU per step")
+    section.figures += safe(section.notes, "mIoU per step", miou_per_step, groups, "mIoU per step")
     for label, steps in groups.items():
-        section.figures += safe(lambda steps=steps, label=label: class_iou_heatmap(
-            steps, names, f"per-class test IoU (%) · {label}"), section.notes, "per-class IoU")
+        section.figures += safe(section.notes, "per-class IoU", class_iou_heatmap, steps, names,
+                                f"per-class test IoU (%) · {label}")
     sections = [section]
     md = [f"# Report of {run_dir.name}", "", f"Scenario `{first.get('scenario')}`, mode `{first.get('mode')}`, "
           f"method `{first.get('method')}`, profile `{first.get('profile')}`, {len(groups)} run(s).", ""]

@@ -217,6 +217,7 @@ def report_sweep(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike | None
     sections, md = [], _md_header(info, trials, select_on, metric)
     for cell in cells:
         section = Section(cell)
+        notes = section.notes
         cell_trials = [t for t in trials if t.get("cell") == cell]
         status = {t["trial_id"]: t.get("status") for t in cell_trials}
         groups: dict[str, list[dict]] = {}
@@ -225,36 +226,31 @@ def report_sweep(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike | None
                 tag = "" if status.get(r["trial_id"]) == "ok" else f" ({status.get(r['trial_id'], 'running')})"
                 groups.setdefault(f"{r['trial_id']}{tag}", []).append(r)
         if groups:
-            section.figures += safe(lambda g=groups: miou_per_step(g, f"{cell}: mIoU per step per trial"),
-                                    section.notes, "mIoU per step")
+            section.figures += safe(notes, "mIoU per step", miou_per_step, groups, f"{cell}: mIoU per step per trial")
         finished = [t for t in cell_trials if t.get("status") == "ok"]
         if finished:
-            section.figures += safe(lambda f=finished: old_vs_new(f, objectives, select_on, f"{cell}: old vs new"),
-                                    section.notes, "old vs new")
+            section.figures += safe(notes, "old vs new", old_vs_new, finished, objectives, select_on, f"{cell}: old vs new")
         else:
-            section.notes.append("no trial has finished every step yet: no scatter, no best trial")
+            notes.append("no trial has finished every step yet: no scatter, no best trial")
         study = load_study(sweep_dir, cell)
         n_done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))) if study else 0
         if study is None or not searched:
-            section.notes.append("nothing searched in this cell (no Optuna study): no parallel coordinates, "
-                                 "importances or optimisation history")
-        elif n_done < 2:
-            section.notes.append(f"{n_done} finished Optuna trial(s): parallel coordinates and importances need 2")
-            section.figures += safe(lambda: history(study, metric, f"{cell}: {metric} per trial"), section.notes, "history")
+            notes.append("nothing searched in this cell (no Optuna study): no parallel coordinates, importances or "
+                         "optimisation history")
         else:
-            section.figures += safe(lambda: optuna_figure("parallel_coordinate", study, metric,
-                                                          f"{cell}: hyperparameters vs {metric}"), section.notes,
-                                    "parallel coordinates")
-            section.figures += safe(lambda: optuna_figure("param_importances", study, metric,
-                                                          f"{cell}: hyperparameter importances ({metric})"),
-                                    section.notes, "importances")
-            section.figures += safe(lambda: history(study, metric, f"{cell}: {metric} per trial"), section.notes, "history")
+            if n_done < 2:
+                notes.append(f"{n_done} finished Optuna trial(s): parallel coordinates and importances need 2")
+            else:
+                section.figures += safe(notes, "parallel coordinates", optuna_figure, "parallel_coordinate", study,
+                                        metric, f"{cell}: hyperparameters vs {metric}")
+                section.figures += safe(notes, "importances", optuna_figure, "param_importances", study, metric,
+                                        f"{cell}: hyperparameter importances ({metric})")
+            section.figures += safe(notes, "history", history, study, metric, f"{cell}: {metric} per trial")
         best = next((r for r in board if r["cell"] == cell and r["rank"] == 1), None)
         if best is not None:
             best_steps = [r for r in steps if r["trial_id"] == best["trial_id"]]
-            section.figures += safe(lambda: class_iou_heatmap(best_steps, class_names(best["scenario"]),
-                                                              f"{cell}: per-class test IoU (%) of the best trial "
-                                                              f"{best['trial_id']}"), section.notes, "per-class IoU")
+            section.figures += safe(notes, "per-class IoU", class_iou_heatmap, best_steps, class_names(best["scenario"]),
+                                    f"{cell}: per-class test IoU (%) of the best trial {best['trial_id']}")
         sections.append(section)
         md += _md_cell(cell, cell_trials, best, entries.get(cell), metric, searched)
     finals = find_final(sweep_dir)
