@@ -124,6 +124,7 @@ def miou_per_step(groups: dict[str, list[dict]], title: str, name: str = "miou-p
     mfig.suptitle(title, fontsize=10)
     fig.update_layout(title=title, height=560, yaxis_title="mIoU (%)", yaxis4_title="mIoU (%)",
                       xaxis4_title="step", xaxis5_title="step", xaxis6_title="step", legend={"font": {"size": 10}})
+    fig.update_xaxes(dtick=1)
     return Figure(name, title, fig, mfig)
 
 

@@ -214,7 +214,8 @@ def report_sweep(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike | None
     board = leaderboard(sweep_dir)
     entries = {e["cell"]: e for e in best_entries(sweep_dir)} if board else {}
     cells = list(dict.fromkeys([t["cell"] for t in trials if t.get("cell")] + [r["cell"] for r in steps if r.get("cell")]))
-    sections, md = [], _md_header(info, trials, select_on, metric)
+    header = _md_header(info, trials, select_on, metric)
+    sections, md = [], list(header)
     for cell in cells:
         section = Section(cell)
         notes = section.notes
@@ -260,7 +261,7 @@ def report_sweep(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike | None
         md += ["## Final runs (`csseg final`, mIoU %, last step, mean ± std)", "", table_md, ""]
     if not cells:
         sections.append(Section("no trial has started yet", notes=["rerun `csseg report` once a trial has finished a step"]))
-    summary = "<pre>" + html.escape("\n".join(line for line in md[2:12] if line)) + "</pre>"
+    summary = "<pre>" + html.escape("\n".join(line for line in header[2:] if line)) + "</pre>"
     written = write_report(out, f"csseg report · sweep {info.get('name', sweep_dir.name)}", sections, summary)
     md += ["Figures: " + (", ".join(f"`{p.name}`" for p in written["pngs"]) or "none yet") + "; interactive: `report.html`.", ""]
     (out / "report.md").write_text("\n".join(md))
