@@ -188,7 +188,10 @@ def optuna_figure(kind: str, study, metric: str, title: str) -> Figure:
     fig.update_layout(title=title, height=450)
     ax = ax[0] if hasattr(ax, "__len__") else ax
     mfig = ax.figure
-    mfig.set_size_inches(11 if kind == "parallel_coordinate" else 6.5, 4.5)
+    mfig.set_size_inches(13 if kind == "parallel_coordinate" else 6.5, 4.5)
+    for artist in ax.collections:  # optuna's pale "Blues" hides the best lines on white: viridis, best in yellow
+        if hasattr(artist, "set_cmap") and artist.get_array() is not None:
+            artist.set_cmap("viridis")
     mfig.set_dpi(110)
     for loc in ("left", "center"):
         ax.set_title("", loc=loc)
@@ -235,6 +238,7 @@ def report_sweep(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike | None
             notes.append("no trial has finished every step yet: no scatter, no best trial")
         study = load_study(sweep_dir, cell)
         n_done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))) if study else 0
+        target = metric if study is None or len(study.directions) == 1 else f"{objectives[0]} (objective 1)"
         if study is None or not searched:
             notes.append("nothing searched in this cell (no Optuna study): no parallel coordinates, importances or "
                          "optimisation history")
@@ -243,10 +247,10 @@ def report_sweep(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike | None
                 notes.append(f"{n_done} finished Optuna trial(s): parallel coordinates and importances need 2")
             else:
                 section.figures += safe(notes, "parallel coordinates", optuna_figure, "parallel_coordinate", study,
-                                        metric, f"{cell}: hyperparameters vs {metric}")
-                section.figures += safe(notes, "importances", optuna_figure, "param_importances", study, metric,
-                                        f"{cell}: hyperparameter importances ({metric})")
-            section.figures += safe(notes, "history", history, study, metric, f"{cell}: {metric} per trial")
+                                        target, f"{cell}: hyperparameters vs {target}")
+                section.figures += safe(notes, "importances", optuna_figure, "param_importances", study, target,
+                                        f"{cell}: hyperparameter importances ({target})")
+            section.figures += safe(notes, "history", history, study, target, f"{cell}: {target} per trial")
         best = next((r for r in board if r["cell"] == cell and r["rank"] == 1), None)
         if best is not None:
             best_steps = [r for r in steps if r["trial_id"] == best["trial_id"]]
