@@ -8,6 +8,7 @@
     csseg sweep voc-15-1 --method sdr --trials 8      # Ray Tune + Optuna sweep
     csseg results DIR | csseg export-best DIR --out best.yaml | csseg final best.yaml --seeds 3
     csseg report DIR                                  # report.html + PNGs + report.md of a sweep or a run
+    csseg dashboard DIR                               # optuna-dashboard on the sweep's journal (127.0.0.1)
 
 Bad input ends with one line on stderr naming the problem and the fix, and a non-zero exit.
 """
@@ -436,6 +437,17 @@ def report(folder: Path = typer.Argument(..., help="A sweep folder (sweeps/<name
 
     written = make_report(folder, out)
     typer.echo(f"wrote {written['html']} ({written['figures']} figures), {len(written['pngs'])} PNGs and {written['md']}")
+
+
+@app.command()
+@user_errors
+def dashboard(sweep_dir: Path = typer.Argument(..., help="A sweep folder."),
+              cell: Optional[str] = typer.Option(None, help="Grid cell whose study to show (when there are several)."),
+              port: int = typer.Option(8080, help="Port on 127.0.0.1.")):
+    """Optuna dashboard on the sweep's journal storage (127.0.0.1, live while the sweep runs)."""
+    from sweeper.dashboard import serve
+
+    serve(sweep_dir, cell, port, echo=typer.echo)
 
 
 @app.command()

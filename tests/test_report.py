@@ -179,3 +179,31 @@ def test_leaderboard_formats_parse(sweep):
     assert md[0].startswith("| cell | rank | trial | val all |") and len(md) == 2 + 4
     assert md[2].startswith(f"| {CELL} | 1* | t02 | 80.0 | 80.0 | 40.0 | 70.0 |")
     _one_error_line(runner.invoke(cli.app, ["results", str(sweep), "--format", "xml"]), "unknown --format")
+
+
+# ---------------------------------------------------------------------------- dashboard
+def test_dashboard_serves_the_journal_on_localhost(sweep, monkeypatch):
+    import types
+
+    from optuna.storages import JournalStorage
+
+    calls = []
+    fake = types.ModuleType("optuna_dashboard")
+    fake.run_server = lambda storage, host, port: calls.append((storage, host, port))
+    monkeypatch.setitem(sys.modules, "optuna_dashboard", fake)
+    result = CliRunner().invoke(cli.app, ["dashboard", str(sweep), "--port", "8123"])
+    assert result.exit_code == 0, result.output
+    assert "http://127.0.0.1:8123/" in result.output
+    [(storage, host, port)] = calls
+    assert isinstance(storage, JournalStorage) and host == "127.0.0.1" and port == 8123
+    [study] = storage.get_all_studies()
+    assert study.study_name == CELL
+
+
+def test_dashboard_errors_are_one_line(sweep, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "optuna_dashboard", None)
+    _one_error_line(CliRunner().invoke(cli.app, ["dashboard", str(sweep)]), "pip install -e '.[dashboard]'")
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "sweep.json").write_text(json.dumps({"name": "s", "identity": {}}))
+    _one_error_line(CliRunner().invoke(cli.app, ["dashboard", str(tmp_path / "s")]), "no Optuna journal")
+    _one_error_line(CliRunner().invoke(cli.app, ["dashboard", str(sweep), "--cell", "voc-1-1"]), "no study for cell")
