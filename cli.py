@@ -431,11 +431,13 @@ def export_best(sweep_dir: Path = typer.Argument(..., help="A sweep folder."),
 @app.command()
 @user_errors
 def report(folder: Path = typer.Argument(..., help="A sweep folder (sweeps/<name>) or a run folder (runs/<run>)."),
-           out: Optional[Path] = typer.Option(None, help="Output folder; default: FOLDER/report.")):
+           out: Optional[Path] = typer.Option(None, help="Output folder; default: FOLDER/report."),
+           final: Optional[Path] = typer.Option(None, help="final.parquet of `csseg final` (default: "
+                                                           "FOLDER/final/final.parquet when it exists).")):
     """Plots of a sweep or a run: report.html (interactive, works offline), PNGs and report.md."""
     from sweeper.report import report as make_report
 
-    written = make_report(folder, out)
+    written = make_report(folder, out, final=final)
     typer.echo(f"wrote {written['html']} ({written['figures']} figures), {len(written['pngs'])} PNGs and {written['md']}")
 
 

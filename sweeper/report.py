@@ -44,8 +44,15 @@ from .export import best_entries, leaderboard, pareto_front, selection, sweep_in
 from .tables import STEPS, TRIALS, read_json, read_table, started_trials, step_fragments
 
 
-def report(path: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> dict:
+def report(path: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
+           final: str | os.PathLike | None = None) -> dict:
     """Report of a sweep folder (``sweep.json``) or a run folder (``steps.parquet``).
+
+    Args:
+        path: the folder.
+        out_dir: where to write (default ``<path>/report``).
+        final: a ``final.parquet`` of ``csseg final`` (sweeps; default: ``<path>/final/final.parquet``
+            when it exists); its rows of the sweep's grid cells go into the report.
 
     Returns:
         ``{"html", "pngs", "figures", "md"}`` (paths and the figure count).
@@ -57,7 +64,7 @@ def report(path: str | os.PathLike, out_dir: str | os.PathLike | None = None) ->
     if not path.is_dir():
         raise ConfigError(f"{path} does not exist; pass a sweep folder (sweeps/<name>) or a run folder (runs/<run>)")
     if (path / "sweep.json").is_file():
-        return report_sweep(path, out_dir)
+        return report_sweep(path, out_dir, final=final)
     if (path / "steps.parquet").is_file():
         return report_run(path, out_dir)
     raise ConfigError(f"{path} is neither a sweep folder (no sweep.json) nor a run folder (no steps.parquet)")
@@ -93,10 +100,13 @@ def sweep_rows(sweep_dir: Path) -> tuple[list[dict], list[dict]]:
     return trials, [s for s in steps if s.get("status", "ok") == "ok"]
 
 
-def find_final(sweep_dir: Path) -> list[dict]:
-    for candidate in (sweep_dir / "final.parquet", sweep_dir / "final" / "final.parquet"):
+def find_final(sweep_dir: Path, final: str | os.PathLike | None, cells: list[str]) -> list[dict]:
+    """Rows of ``final`` (or of the sweep folder's ``final/final.parquet``) that belong to ``cells``."""
+    if final is not None and not Path(final).is_file():
+        raise ConfigError(f"--final {final} does not exist; `csseg final` writes final.parquet into its --out folder")
+    for candidate in [Path(final)] if final else [sweep_dir / "final.parquet", sweep_dir / "final" / "final.parquet"]:
         if candidate.is_file():
-            return read_rows(candidate)
+            return [r for r in read_rows(candidate) if r.get("cell") in cells]
     return []
 
 
@@ -195,6 +205,8 @@ def optuna_figure(kind: str, study, metric: str, title: str) -> Figure:
     mfig.set_dpi(110)
     for loc in ("left", "center"):
         ax.set_title("", loc=loc)
+    if kind == "param_importances" and ax.get_legend() is not None:
+        ax.get_legend().remove()  # one objective: the title names it
     mfig.suptitle(title, fontsize=10)
     notes = dict.fromkeys(str(w.message).splitlines()[0] for w in caught
                           if "experimental" not in str(w.message) and "low `target`" not in str(w.message))
@@ -202,7 +214,8 @@ def optuna_figure(kind: str, study, metric: str, title: str) -> Figure:
 
 
 # ---------------------------------------------------------------------------- the sweep report
-def report_sweep(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> dict:
+def report_sweep(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
+                 final: str | os.PathLike | None = None) -> dict:
     """Write ``report.html``, the PNGs and ``report.md`` of a sweep (see the module docstring)."""
     require_libraries()
     import optuna
@@ -258,7 +271,7 @@ def report_sweep(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike | None
                                     f"{cell}: per-class test IoU (%) of the best trial {best['trial_id']}")
         sections.append(section)
         md += _md_cell(cell, cell_trials, best, entries.get(cell), metric, searched)
-    finals = find_final(sweep_dir)
+    finals = find_final(sweep_dir, final, cells)
     if finals:
         table_html, table_md = final_table(finals)
         sections.append(Section("csseg final: mean ± std over seeds", html=table_html))

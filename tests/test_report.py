@@ -101,10 +101,17 @@ def test_final_table_when_final_runs_exist(tmp_path):
                                              "miou_all", "miou_old", "miou_new", "miou_avg")})
     row.update({f"{k}_std": 0.02 for k in ("val_miou_all", "val_miou_old", "val_miou_new", "val_miou_avg",
                                             "miou_all", "miou_old", "miou_new", "miou_avg")})
-    append_rows(sweep / "final" / "final.parquet", [row])
+    append_rows(sweep / "final" / "final.parquet", [row, {**row, "cell": "voc-19-1-disjoint", "tuned_on": "voc-19-1"}])
     out = report(sweep, tmp_path / "out")
-    assert "<td>50.0 ± 2.0</td>" in out["html"].read_text()
+    assert "<td>50.0 ± 2.0</td>" in out["html"].read_text() and "voc-19-1" not in out["md"].read_text()
     assert "| voc-15-5 | voc-15-5 | 3 | test | 50.0 ± 2.0 |" in out["md"].read_text()
+    elsewhere = tmp_path / "best" / "final.parquet"  # csseg final best.yaml writes next to best.yaml
+    (sweep / "final" / "final.parquet").rename(elsewhere.parent.mkdir() or elsewhere)
+    assert "50.0 ± 2.0" not in report(sweep, tmp_path / "out2")["md"].read_text()
+    result = CliRunner().invoke(cli.app, ["report", str(sweep), "--out", str(tmp_path / "out3"), "--final", str(elsewhere)])
+    assert result.exit_code == 0 and "50.0 ± 2.0" in (tmp_path / "out3" / "report.md").read_text()
+    _one_error_line(CliRunner().invoke(cli.app, ["report", str(sweep), "--final", str(tmp_path / "no.parquet")]),
+                    "does not exist")
 
 
 # ---------------------------------------------------------------------------- run folder (csseg train)

@@ -152,8 +152,9 @@ def test_journal_holds_every_finished_trial_and_the_report_reads_it(lwf_sweep, t
         study = load_study(sweep_dir, cell)  # JournalStorage(JournalFileBackend(optuna-<cell>.log))
         done = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
         rows = [t for t in trials if t["cell"] == cell and t["status"] == "ok"]
-        assert sorted((t.params["kd"], t.values[0]) for t in done) == pytest.approx(
-            sorted((r["param_kd"], r["val_miou_all"]) for r in rows))
+        journal = [x for pair in sorted((t.params["kd"], t.values[0]) for t in done) for x in pair]
+        table = [x for pair in sorted((r["param_kd"], r["val_miou_all"]) for r in rows) for x in pair]
+        assert len(done) == len(rows) == 2 and journal == pytest.approx(table)
     out = report(sweep_dir, tmp_path / "report")
     assert out["figures"] >= 2 * 5 and len(out["pngs"]) == out["figures"]
     assert out["html"].read_text().count('class="plotly-graph-div"') == out["figures"]
