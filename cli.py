@@ -352,9 +352,11 @@ def _print_leaderboard(sweep_dir: Path, metric: Optional[str], top: Optional[int
     split_name = "validation" if rows[0]["select_on"] == "val" else "TEST (the literature's protocol)"
     title = f"{Path(sweep_dir).name} · {{cell}}: mIoU % at step {{step}}, ranked by {{metric}} on {split_name}"
     for cell, table in board.tables(rows, title, wide=wide):
-        # --wide: the table at its natural width (the terminal wraps long lines), never squeezed into columns of 2
-        natural = console.measure(table, options=console.options.update(width=10_000)).maximum
-        (Console(width=max(console.width, natural)) if wide else console).print(table)
+        out = console
+        if wide:  # the table at its natural width (the terminal wraps long lines), never squeezed into columns of 2
+            natural = console.measure(table, options=console.options.update(width=10_000)).maximum
+            out = Console(width=max(console.width, natural))
+        out.print(table)
         _print_noise([r for r in rows if r["cell"] == cell], (read_reeval(sweep_dir) or {}), cell)
 
 
