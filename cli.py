@@ -7,6 +7,8 @@
     csseg test runs/<run>/checkpoints/step5-<key>.pt  # evaluate a checkpoint
     csseg sweep voc-15-1 --method sdr --trials 8      # Ray Tune + Optuna sweep
     csseg results DIR | csseg export-best DIR --out best.yaml | csseg final best.yaml --seeds 3
+    csseg report DIR                                  # report.html + PNGs + report.md of a sweep or a run
+    csseg dashboard DIR                               # optuna-dashboard on the sweep's journal (127.0.0.1)
 
 Bad input ends with one line on stderr naming the problem and the fix, and a non-zero exit.
 """
@@ -336,36 +338,26 @@ def sweep(scenarios: str = typer.Argument(..., help="Scenario(s), comma separate
     typer.echo(f"next: csseg results {sweep_dir} | csseg export-best {sweep_dir} --out best.yaml")
 
 
-def _print_leaderboard(sweep_dir: Path, metric: Optional[str], top: Optional[int], select_on: Optional[str] = None) -> None:
-    from sweeper import leaderboard, read_reeval
+def _print_leaderboard(sweep_dir: Path, metric: Optional[str], top: Optional[int], select_on: Optional[str] = None,
+                       wide: bool = False, fmt: str = "table") -> None:
+    from sweeper import board, leaderboard, read_reeval
 
     rows = leaderboard(sweep_dir, metric, top=top, select_on=select_on)
+    if fmt != "table":
+        typer.echo(board.text(rows, fmt, wide=wide), nl=False)
+        return
     if not rows:
         typer.echo(f"{sweep_dir}: no trial has finished every step yet")
         return
-    chosen = rows[0]["select_on"]
-    split_name = "validation (held-out train images)" if chosen == "val" else "TEST (the literature's protocol)"
-    for cell in dict.fromkeys(r["cell"] for r in rows):
-        cell_rows = [r for r in rows if r["cell"] == cell]
-        table = Table(title=f"{Path(sweep_dir).name} · {cell} (mIoU %, step {cell_rows[0]['final_step']}; ranked by "
-                            f"{cell_rows[0]['metric']} on {split_name})",
-                      caption="* on the Pareto front of the objectives (old vs new by default), on the selection split")
-        for col in ("rank", "trial", "val all", "val old", "val new", "test all", "test old", "test new", "hyperparameters"):
-            table.add_column(col, overflow="fold")
-        for r in cell_rows:
-            params = " ".join(f"{k}={r[k]:.3g}" if isinstance(r[k], float) else f"{k}={r[k]}"
-                              for k in r if k not in LEADERBOARD_FIXED)
-            mark = "*" if r.get("pareto") else ""
-            table.add_row(f"{r['rank']}{mark}", str(r["trial_id"]).split("_")[-1],
-                          *(pct(r.get(k)) for k in ("val_miou_all", "val_miou_old", "val_miou_new",
-                                                    "miou_all", "miou_old", "miou_new")), params)
-        console.print(table)
-        _print_noise(cell_rows, (read_reeval(sweep_dir) or {}), cell)
-
-
-LEADERBOARD_FIXED = {"cell", "rank", "trial_id", "scenario", "mode", "method", "seed", "pareto", "wall_s", "metric",
-                     "select_on", "final_step", "val_miou_all", "val_miou_old", "val_miou_new", "val_miou_avg",
-                     "miou_all", "miou_old", "miou_new", "miou_avg"}
+    split_name = "validation" if rows[0]["select_on"] == "val" else "TEST (the literature's protocol)"
+    title = f"{Path(sweep_dir).name} · {{cell}}: mIoU % at step {{step}}, ranked by {{metric}} on {split_name}"
+    for cell, table in board.tables(rows, title, wide=wide):
+        out = console
+        if wide:  # the table at its natural width (the terminal wraps long lines), never squeezed into columns of 2
+            natural = console.measure(table, options=console.options.update(width=10_000)).maximum
+            out = Console(width=max(console.width, natural))
+        out.print(table)
+        _print_noise([r for r in rows if r["cell"] == cell], (read_reeval(sweep_dir) or {}), cell)
 
 
 def _print_noise(cell_rows: list, reeval: dict, cell: str) -> None:
@@ -397,13 +389,21 @@ def _print_noise(cell_rows: list, reeval: dict, cell: str) -> None:
 def results(sweep_dir: Path = typer.Argument(..., help="A sweep folder (sweeps/<name>)."),
             metric: Optional[str] = typer.Option(None, help="Rank by this metric (all|old|new|avg); default: the sweep's."),
             select_on: Optional[str] = typer.Option(None, help="val or test; default: the sweep's (val)."),
-            top: Optional[int] = typer.Option(None, help="Rows per grid cell.")):
-    """Print the leaderboard of a sweep, per grid cell (trials that finished every step)."""
+            top: Optional[int] = typer.Option(None, help="Rows per grid cell."),
+            wide: bool = typer.Option(False, "--wide", help="Every column, full names and values (may wrap)."),
+            fmt: str = typer.Option("table", "--format", help="table, or csv|json (every column, IoUs as fractions) "
+                                                             "or md (the table's columns, IoUs in %).")):
+    """Print the leaderboard of a sweep, per grid cell (trials that finished every step), one line per trial."""
+    from csseg_core.errors import ConfigError
+    from sweeper.board import FORMATS
+
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown --format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     if select_on == "test":
         from sweeper.spec import TEST_PROTOCOL_NOTE
 
         typer.echo(f"note: {TEST_PROTOCOL_NOTE}", err=True)
-    _print_leaderboard(sweep_dir, metric, top, select_on)
+    _print_leaderboard(sweep_dir, metric, top, select_on, wide=wide, fmt=fmt)
 
 
 @app.command("export-best")
@@ -428,6 +428,30 @@ def export_best(sweep_dir: Path = typer.Argument(..., help="A sweep folder."),
     if seeds:
         _print_leaderboard(sweep_dir, metric, top, select_on)
     typer.echo(f"wrote {path}; run it with: csseg train --config {path}  (or csseg final {path} --seeds 3)")
+
+
+@app.command()
+@user_errors
+def report(folder: Path = typer.Argument(..., help="A sweep folder (sweeps/<name>) or a run folder (runs/<run>)."),
+           out: Optional[Path] = typer.Option(None, help="Output folder; default: FOLDER/report."),
+           final: Optional[Path] = typer.Option(None, help="final.parquet of `csseg final` (default: "
+                                                           "FOLDER/final/final.parquet when it exists).")):
+    """Plots of a sweep or a run: report.html (interactive, works offline), PNGs and report.md."""
+    from sweeper.report import report as make_report
+
+    written = make_report(folder, out, final=final)
+    typer.echo(f"wrote {written['html']} ({written['figures']} figures), {len(written['pngs'])} PNGs and {written['md']}")
+
+
+@app.command()
+@user_errors
+def dashboard(sweep_dir: Path = typer.Argument(..., help="A sweep folder."),
+              cell: Optional[str] = typer.Option(None, help="Grid cell whose study to show (when there are several)."),
+              port: int = typer.Option(8080, help="Port on 127.0.0.1.")):
+    """Optuna dashboard on the sweep's journal storage (127.0.0.1, live while the sweep runs)."""
+    from sweeper.dashboard import serve
+
+    serve(sweep_dir, cell, port, echo=typer.echo)
 
 
 @app.command()

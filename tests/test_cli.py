@@ -94,6 +94,20 @@ def test_train_end_to_end_writes_six_rows(e2e):
     assert yaml.safe_load((out / "config.yaml").read_text())["epochs"] == 1
 
 
+def test_report_of_a_train_run_plots_its_steps(runner, e2e, tmp_path):
+    pytest.importorskip("plotly")
+    pytest.importorskip("matplotlib")
+    _, out = e2e
+    result = runner.invoke(cli.app, ["report", str(out), "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["01-miou-per-step.png", "02-class-iou.png"]
+    page = (tmp_path / "report.html").read_text()
+    assert page.count('class="plotly-graph-div"') == 2 and "tvmonitor" in page  # class names of voc-15-1's last step
+    rows = read_rows(out / "steps.parquet")
+    md = (tmp_path / "report.md").read_text()
+    assert f"| {out.name} | 5 | {_pct(rows[5]['val_miou_all'])} | {_pct(rows[5]['val_miou_old'])} |" in md
+
+
 def test_test_command_prints_the_miou_table(runner, e2e):
     _, out = e2e
     ckpt = next((out / "checkpoints").glob("step5-*.pt"))

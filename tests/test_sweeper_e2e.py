@@ -136,3 +136,25 @@ def test_failing_trial_is_recorded_and_two_workers_match_one(lwf_sweep, tiny_voc
         loss2 = next(r["loss_ce"] for r in steps if r["trial_id"] == good["trial_id"] and r["step"] == step)
         loss1 = next(r["loss_ce"] for r in steps1 if r["trial_id"] == one_worker["trial_id"] and r["step"] == step)
         assert loss2 == pytest.approx(loss1, rel=0.3), step
+
+
+def test_journal_holds_every_finished_trial_and_the_report_reads_it(lwf_sweep, tmp_path):
+    """The Optuna journal (what optuna-dashboard and `csseg report` read) matches trials.parquet."""
+    pytest.importorskip("plotly")
+    pytest.importorskip("matplotlib")
+    import optuna
+
+    from sweeper.report import load_study, report
+
+    sweep_dir, _, _ = lwf_sweep
+    trials = pq.read_table(sweep_dir / "trials.parquet").to_pylist()
+    for cell in ("voc-19-1-disjoint", "voc-15-5-disjoint"):
+        study = load_study(sweep_dir, cell)  # JournalStorage(JournalFileBackend(optuna-<cell>.log))
+        done = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+        rows = [t for t in trials if t["cell"] == cell and t["status"] == "ok"]
+        journal = [x for pair in sorted((t.params["kd"], t.values[0]) for t in done) for x in pair]
+        table = [x for pair in sorted((r["param_kd"], r["val_miou_all"]) for r in rows) for x in pair]
+        assert len(done) == len(rows) == 2 and journal == pytest.approx(table)
+    out = report(sweep_dir, tmp_path / "report")
+    assert out["figures"] >= 2 * 5 and len(out["pngs"]) == out["figures"]
+    assert out["html"].read_text().count('class="plotly-graph-div"') == out["figures"]
