@@ -418,3 +418,31 @@ def test_fp16_without_cuda_is_a_one_line_config_error(make_cfg):
         pytest.skip("fp16 autocast is available on this machine")
     with pytest.raises(ConfigError, match=r"^amp=fp16 needs a CUDA device; use amp=bf16 on CPU \(or amp=off\)$"):
         run_step(make_cfg(amp="fp16"), 0)
+
+
+def test_loader_workers_persist_over_the_epochs_and_stop_with_the_step(make_cfg, step0_runs):
+    """num_workers > 0: the workers are forked once (before the statistics buffers) and serve
+    every epoch; they are gone when the step returns."""
+    import multiprocessing
+
+    from torch.utils.data import dataloader
+
+    created = []
+    original = dataloader._MultiProcessingDataLoaderIter.__init__
+
+    def counting(self, loader):
+        created.append(loader.dataset)
+        original(self, loader)
+
+    cfg = make_cfg("lwf", epochs_incremental=2, num_workers=1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dataloader._MultiProcessingDataLoaderIter, "__init__", counting)
+        state, metrics = run_step(cfg, 1, step0_runs["a"][0])
+    train_forks = [d for d in created if len(d) == 32]  # the 32-image train list (val/test loaders fork per split)
+    assert len(train_forks) == 1, f"the training workers were forked {len(train_forks)} times for 2 epochs"
+    assert metrics["iterations"] == 4 and state["collected"] == [] and set(metrics["losses"]) == {"ce", "kd"}
+    assert all(math.isfinite(v) for v in metrics["losses"].values())
+    assert not multiprocessing.active_children(), "loader workers outlived the step"
+    # FT's step 0 collected nothing: EWC cannot continue from it and says why
+    with pytest.raises(ConfigError, match="method 'ewc' cannot start step 1: the previous state has no 'fisher' statistics"):
+        run_step(make_cfg("ewc"), 1, step0_runs["a"][0])
