@@ -125,6 +125,8 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, num_classes: int, devic
     """Confusion matrix of ``model`` on ``loader`` (argmax over all channels), all-reduced."""
     model.eval()
     cm = ConfusionMatrix(num_classes, device=device)
+    if amp == "fp16" and device.type != "cuda":
+        amp = "off"  # a state trained with fp16 on a GPU, evaluated on a CPU
     for image, target in loader:
         with autocast(amp, device):
             logits, _ = model(image.to(device, non_blocking=True))

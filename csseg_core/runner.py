@@ -122,6 +122,8 @@ def run_scenario(cfg: ExperimentConfig, out_dir: str | Path, *, steps: Iterable[
                     break
                 collect |= held  # step 0 for another method: train it again with the union
                 lacking = lacking or (path, held)
+        if not resume and shared is not None and shared.exists():
+            collect |= held_statistics(load_state(shared))  # retraining never shrinks the shared state
         if saved is None and lacking is not None and rank == 0:
             path, held = lacking
             missing = ", ".join(s for s in required_statistics(extra=need) if s not in held)

@@ -446,3 +446,33 @@ def test_loader_workers_persist_over_the_epochs_and_stop_with_the_step(make_cfg,
     # FT's step 0 collected nothing: EWC cannot continue from it and says why
     with pytest.raises(ConfigError, match="method 'ewc' cannot start step 1: the previous state has no 'fisher' statistics"):
         run_step(make_cfg("ewc"), 1, step0_runs["a"][0])
+
+
+def test_a_run_without_resume_keeps_the_shared_step0_statistics(make_cfg, tmp_path):
+    """resume=False retrains step 0 but never shrinks what the shared state holds."""
+    seed = 4321
+    ewc, sdr = make_cfg("ewc", seed=seed), make_cfg("sdr", seed=seed)
+    run_scenario(ewc, tmp_path / "a", steps=[0], progress=False, echo=lambda s: None)
+    assert load_state(runner.shared_step0_path(ewc))["collected"] == ["fisher"]
+    run_scenario(sdr, tmp_path / "b", steps=[0], progress=False, resume=False, echo=lambda s: None)
+    assert load_state(runner.shared_step0_path(sdr))["collected"] == ["prototypes", "fisher"]
+
+
+def test_evaluate_under_amp_counts_like_float32_and_fp16_falls_back_on_cpu():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            return self.conv(x), {}
+
+    torch.manual_seed(0)
+    net = Net()
+    data = [(torch.randn(2, 3, 8, 8), torch.randint(0, 4, (2, 8, 8))) for _ in range(3)]
+    ref = evaluate(net, data, 4, torch.device("cpu")).mat
+    assert ref.sum() == 3 * 2 * 8 * 8
+    if not torch.cuda.is_available():  # a GPU fp16 state evaluated on a CPU: float32
+        assert torch.equal(evaluate(net, data, 4, torch.device("cpu"), "fp16").mat, ref)
+    bf16 = evaluate(net, data, 4, torch.device("cpu"), "bf16").mat
+    assert bf16.sum() == ref.sum()
