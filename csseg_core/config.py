@@ -106,6 +106,10 @@ class ExperimentConfig:
     """Iterations between TensorBoard loss points."""
     num_samples: int = 3
     """image | truth | prediction samples written to TensorBoard per step."""
+    amp: str = "off"
+    """Mixed precision of the forward passes: "off" (float32, ``paper``), "bf16" (autocast to
+    bfloat16; CPU or GPU) or "fp16" (autocast to float16 with a gradient scaler; GPU only). Losses,
+    statistics and the optimizer stay in float32."""
     fault_nan_step: int = -1
     """Fault injection for tests: make the loss NaN at this step (-1 = never)."""
 
@@ -174,7 +178,7 @@ class ExperimentConfig:
 
 _FIELDS = {f.name: f for f in dataclasses.fields(ExperimentConfig) if f.name not in ("scenario", "method", "params")}
 _HASHED_IF_SET = {k: _FIELDS[k].default for k in ("bn_momentum", "backbone_dilation", "head_act", "pool_window",
-                                                   "sdr_feature_gather", "attraction_reduce", "sync_prototypes")}
+                                                   "sdr_feature_gather", "attraction_reduce", "sync_prototypes", "amp")}
 # The reference network (SDR ``make_model_v2``: ``net/resnet_atrous.py`` + ``modules/deeplab.py``).
 REFERENCE_MODEL = dict(bn_momentum=0.0003, backbone_dilation="reference", head_act="none", pool_window=32)
 
@@ -183,7 +187,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     # 30 epochs / lr 1e-3 then 1e-4; ADE batch 4 / 60 epochs / lr 1e-2 then 1e-3.
     "paper": dict(backbone="resnet101", output_stride=16, pretrained="imagenet", head_channels=256, crop_size=512, batch_size=8,
                   epochs=30, epochs_incremental=30, lr=1e-3, lr_incremental=1e-4, num_workers=4, cache_images=False,
-                  log_every=10, num_samples=4, iters=0, iters_incremental=0, lr_new_cls=1.0, **REFERENCE_MODEL),
+                  log_every=10, num_samples=4, iters=0, iters_incremental=0, lr_new_cls=1.0, amp="off", **REFERENCE_MODEL),
     # Quick GPU sweeps: a small backbone at crop 256.
     "small": dict(backbone="resnet18", output_stride=16, pretrained="imagenet", head_channels=256, crop_size=256, batch_size=16,
                   epochs=10, epochs_incremental=10, lr=1e-2, lr_incremental=1e-3, num_workers=4, cache_images=False,
@@ -255,6 +259,8 @@ def resolve_config(scenario: str, method: str = "ft", *, profile: str = "smoke",
     defaults = method_defaults(method)
     params: dict[str, Any] = {}
     for key, value in (overrides or {}).items():
+        if key == "amp" and value is False:  # YAML reads an unquoted `amp: off` as false
+            value = "off"
         if key in _FIELDS:
             values[key] = _coerce(key, value, _FIELDS[key].default)
         elif key in defaults:
@@ -280,6 +286,9 @@ def resolve_config(scenario: str, method: str = "ft", *, profile: str = "smoke",
     return cfg
 
 
+AMP_MODES = ("off", "bf16", "fp16")
+
+
 def _validate(cfg: ExperimentConfig) -> None:
     positive = ("crop_size", "batch_size", "epochs", "head_channels")
     for key in positive:
@@ -295,7 +304,7 @@ def _validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"output_stride must be 8 or 16 (got {cfg.output_stride})")
     if not 0.0 <= cfg.bn_momentum <= 1.0:
         raise ConfigError(f"bn_momentum must be in [0, 1] (got {cfg.bn_momentum}; 0 = the backbone's own); e.g. --set bn_momentum=0.0003")
-    choices = {"backbone_dilation": ("torchvision", "reference"), "head_act": ("relu", "none"),
+    choices = {"backbone_dilation": ("torchvision", "reference"), "head_act": ("relu", "none"), "amp": AMP_MODES,
                "sdr_feature_gather": FEATURE_GATHERS, "attraction_reduce": ATTRACTION_REDUCES}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:

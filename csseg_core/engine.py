@@ -5,8 +5,10 @@ Usage from Python (``csseg train`` wraps ``run_scenario``)::
     from csseg_core.config import resolve_config
     from csseg_core.engine import run_step
     cfg = resolve_config("voc-15-1", "sdr", profile="smoke")
-    state, metrics = run_step(cfg, 0)          # FT on the step-0 classes, collects every statistic
+    state, metrics = run_step(cfg, 0)          # FT on the step-0 classes, collects SDR's prototypes
     state, metrics = run_step(cfg, 1, state)   # SDR from there
+    # a step 0 that every method can continue from:
+    state, metrics = run_step(cfg, 0, collect=STATISTICS)
 
 The step is DDP-aware: when a ``torch.distributed`` process group exists (``torchrun`` or a Ray
 Train worker) data are sharded, gradients averaged, the confusion matrix and the prototypes
@@ -16,10 +18,11 @@ and never imports Ray.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -31,7 +34,7 @@ from . import losses as L
 from .config import ExperimentConfig
 from .data import build_datasets, default_data_root
 from .errors import ConfigError, TrainingError
-from .methods import STATISTICS, Batch, Output, StepContext, build_method
+from .methods import Batch, Output, StepContext, build_method, required_statistics
 from .metrics import ConfusionMatrix, step_metrics
 from .models import build_model, load_previous
 from .scenarios import get_scenario
@@ -74,6 +77,9 @@ class ShardSampler(torch.utils.data.Sampler):
 
 
 def _loader(dataset, cfg: ExperimentConfig, *, train: bool, seed: int) -> DataLoader:
+    """The training loader keeps its worker processes for every epoch (``persistent_workers``):
+    they are forked once, before the statistics buffers exist (see :func:`run_step`), so the
+    parent's writes to those buffers never copy-on-write fault against a freshly forked worker."""
     rank, world = dist_info()
     generator = torch.Generator().manual_seed(seed)
     if world > 1 and not train:
@@ -89,16 +95,42 @@ def _loader(dataset, cfg: ExperimentConfig, *, train: bool, seed: int) -> DataLo
         batch = max(1, cfg.batch_size // world)  # the configured batch is the global one
     return DataLoader(dataset, batch_size=batch, sampler=sampler, drop_last=train and len(dataset) >= batch * world,
                       num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(), generator=generator,
-                      persistent_workers=False)
+                      persistent_workers=train and cfg.num_workers > 0)
+
+
+def autocast(amp: str, device: torch.device):
+    """The autocast context of ``amp`` ("off" | "bf16" | "fp16") on ``device`` (fp16 needs CUDA)."""
+    if amp == "off":
+        return contextlib.nullcontext()
+    if amp == "fp16" and device.type != "cuda":
+        raise ConfigError("amp=fp16 needs a CUDA device; use amp=bf16 on CPU (or amp=off)")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def _float(out: Output) -> Output:
+    """Model outputs in float32 (the losses and statistics are computed in float32 under amp)."""
+    return Output(out.logits.float(), out.body.float(), out.pre_logits.float())
+
+
+def _sgd(groups, lr: float, momentum: float, device: torch.device) -> torch.optim.Optimizer:
+    """Nesterov SGD, fused where the device has a fused kernel, else the multi-tensor (foreach) one."""
+    try:
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True, fused=True)
+    except (RuntimeError, ValueError, TypeError):
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True, foreach=True)
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: DataLoader, num_classes: int, device: torch.device) -> ConfusionMatrix:
+def evaluate(model: torch.nn.Module, loader: DataLoader, num_classes: int, device: torch.device,
+             amp: str = "off") -> ConfusionMatrix:
     """Confusion matrix of ``model`` on ``loader`` (argmax over all channels), all-reduced."""
     model.eval()
     cm = ConfusionMatrix(num_classes, device=device)
+    if amp == "fp16" and device.type != "cuda":
+        amp = "off"  # a state trained with fp16 on a GPU, evaluated on a CPU
     for image, target in loader:
-        logits, _ = model(image.to(device, non_blocking=True))
+        with autocast(amp, device):
+            logits, _ = model(image.to(device, non_blocking=True))
         cm.update(logits.argmax(1), target.to(device, non_blocking=True))
     cm.all_reduce()
     return cm
@@ -113,19 +145,23 @@ def _check_previous(cfg: ExperimentConfig, step: int, prev_state: dict | None) -
         raise ConfigError(f"step {step} needs the state of step {step - 1}, got the state of step {prev_state['step']}")
 
 
-def run_step(cfg: ExperimentConfig, step: int, prev_state: dict | None = None, *, log_dir: str | None = None,
-             progress: bool = False) -> tuple[dict, dict]:
+def run_step(cfg: ExperimentConfig, step: int, prev_state: dict | None = None, *, collect: Iterable[str] = (),
+             log_dir: str | None = None, progress: bool = False) -> tuple[dict, dict]:
     """Train and evaluate one continual step.
 
     Args:
         cfg: the experiment configuration.
         step: the step to run (0 = base step, trained with FT for every method).
         prev_state: the state returned for ``step - 1`` (required when ``step > 0``).
+        collect: statistics to collect in addition to those ``cfg.method`` needs from this
+            step's state (``Method.collects``); e.g. :data:`csseg_core.methods.STATISTICS` for a
+            step 0 that every method continues from. Collecting never changes the training.
         log_dir: TensorBoard directory (written by rank 0); None disables logging.
         progress: show a progress bar (rank 0).
 
     Returns:
-        ``(state, metrics)``; see docs/ARCHITECTURE.md for their keys.
+        ``(state, metrics)``; see docs/ARCHITECTURE.md for their keys. ``state["collected"]``
+        lists the statistics the state holds.
 
     Raises:
         TrainingError: a loss term became NaN or infinite (nothing is written).
@@ -134,8 +170,10 @@ def run_step(cfg: ExperimentConfig, step: int, prev_state: dict | None = None, *
     if not 0 <= step < scenario.num_steps:
         raise ConfigError(f"step {step} is out of range: {scenario.name} has steps 0..{scenario.num_steps - 1}")
     _check_previous(cfg, step, prev_state)
+    collect = required_statistics([cfg.method], collect)
     rank, world = dist_info()
     device = _device()
+    amp_context = autocast(cfg.amp, device)  # fails early for fp16 without CUDA
     seed_everything(cfg.seed + 1000 * step + rank)
     started = time.perf_counter()
 
@@ -162,7 +200,6 @@ def run_step(cfg: ExperimentConfig, step: int, prev_state: dict | None = None, *
     if fix_bn:
         model.fix_bn()
     n_old = sum(classes[:-1]) if step > 0 else 0
-    collect = STATISTICS if step == 0 else method.collects
     ctx = StepContext(step=step, mode=cfg.mode, n_old=n_old, num_classes=sum(classes), model=model, old_model=old_model,
                       prev_statistics=prev_stats, old_params=old_params, feature_gather=cfg.sdr_feature_gather,
                       attraction_reduce=cfg.attraction_reduce)
@@ -170,10 +207,6 @@ def run_step(cfg: ExperimentConfig, step: int, prev_state: dict | None = None, *
         method.setup(ctx)
     except KeyError as err:
         raise ConfigError(f"method {cfg.method!r} cannot start step {step}: {err.args[0]}") from None
-    ctx.collectors = build_collectors(collect, model=model, step=step, mode=cfg.mode, num_classes=sum(classes),
-                                      dim=model.body_channels, prev=prev_stats, device=device,
-                                      alpha=0.9 if step == 0 else cfg.method_params.get("reg_alpha", 0.9),
-                                      gather=cfg.sdr_feature_gather, sync_prototypes=cfg.sync_prototypes)
 
     epochs = cfg.epochs if step == 0 else cfg.epochs_incremental
     iters = cfg.iters if step == 0 else cfg.iters_incremental
@@ -187,11 +220,18 @@ def run_step(cfg: ExperimentConfig, step: int, prev_state: dict | None = None, *
         groups = [g for g in groups if g["params"]]
         groups.append({"name": "new_cls", "params": [p for p in model.cls[-1].parameters() if p.requires_grad],
                        "weight_decay": cfg.weight_decay, "lr_mult": cfg.lr_new_cls})
-    optimizer = torch.optim.SGD(groups, lr=base_lr, momentum=cfg.momentum, nesterov=True, foreach=True)
+    optimizer = _sgd(groups, base_lr, cfg.momentum, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     train_loader = _loader(datasets["train"], cfg, train=True, seed=cfg.seed + step)
+    # fork the loader's workers (kept for every epoch) before the statistics allocate their buffers
+    first_epoch = iter(train_loader) if cfg.num_workers > 0 else None
+    ctx.collectors = build_collectors(collect, model=model, step=step, mode=cfg.mode, num_classes=sum(classes),
+                                      dim=model.body_channels, prev=prev_stats, device=device,
+                                      alpha=0.9 if step == 0 else cfg.method_params.get("reg_alpha", 0.9),
+                                      gather=cfg.sdr_feature_gather, sync_prototypes=cfg.sync_prototypes)
     if iters > 0:  # an iteration budget: as many (partial) epochs as it takes
         epochs = math.ceil(iters / max(1, len(train_loader)))
     total_iters = max(1, iters if iters > 0 else epochs * len(train_loader))
@@ -207,32 +247,45 @@ def run_step(cfg: ExperimentConfig, step: int, prev_state: dict | None = None, *
             if fix_bn:
                 model.fix_bn()
             t0 = time.perf_counter()
-            for image, target in train_loader:
+            batches = train_loader if first_epoch is None else first_epoch
+            first_epoch = None
+            for image, target in batches:
                 if it >= total_iters:
                     break
                 lr = base_lr * (1 - it / total_iters) ** cfg.lr_power
                 for group in optimizer.param_groups:
                     group["lr"] = lr * group.get("lr_mult", 1.0)
                 image, target = image.to(device, non_blocking=True), target.to(device, non_blocking=True)
-                logits, feats = net(image)
+                with amp_context:
+                    logits, feats = net(image)
                 out = Output(logits, feats["body"], feats["pre_logits"])
+                if cfg.amp != "off":
+                    out = _float(out)
                 batch = Batch(image, target, L.downsample_labels(target, out.body.shape[-2:]))
                 for c in ctx.collectors.values():
                     c.observe(out.body, batch.target_small)
                 old = None
                 if old_model is not None:
-                    with torch.no_grad():
+                    with torch.no_grad(), amp_context:
                         o_logits, o_feats = old_model(image)
                     old = Output(o_logits, o_feats["body"], o_feats["pre_logits"])
-                terms = method.terms(ctx, batch, out, old)
+                    if cfg.amp != "off":
+                        old = _float(old)
+                terms = method.terms(ctx, batch, out, old)  # float32, outside autocast
                 if cfg.fault_nan_step == step:
                     first = next(iter(terms))
                     terms[first] = terms[first] * float("nan")
                 loss = sum(terms.values())
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                for c in ctx.collectors.values():
-                    c.after_backward(model)
+                scaler.scale(loss).backward()
+                grads_finite = True
+                if scaler.is_enabled():  # the statistics and the penalty see unscaled gradients
+                    scaler.unscale_(optimizer)
+                    grads = [p.grad for p in model.parameters() if p.grad is not None]
+                    grads_finite = bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()) if grads else True
+                if grads_finite:  # an fp16 overflow step is skipped by the scaler: collect nothing from it
+                    for c in ctx.collectors.values():
+                        c.after_backward(model)
                 penalty = method.penalty(ctx)
                 if penalty is not None:
                     terms["reg"] = penalty
@@ -244,7 +297,8 @@ def run_step(cfg: ExperimentConfig, step: int, prev_state: dict | None = None, *
                     raise TrainingError(
                         f"step {step}, iteration {it}: loss term {bad[0]!r} became {values[bad[0]]}; lower its weight "
                         f"or the learning rate (lr={lr:.3g}); nothing of this step was saved")
-                optimizer.step()
+                scaler.step(optimizer)
+                scaler.update()
                 for k, v in values.items():
                     sums[k] = sums.get(k, 0.0) + v
                 n_images += image.shape[0] * world
@@ -253,6 +307,7 @@ def run_step(cfg: ExperimentConfig, step: int, prev_state: dict | None = None, *
             train_time += time.perf_counter() - t0
     finally:
         logger.close_progress()
+        first_epoch = train_loader = None  # shuts the persistent loader workers down
 
     statistics: dict[str, Any] = {}
     for c in ctx.collectors.values():
@@ -262,7 +317,7 @@ def run_step(cfg: ExperimentConfig, step: int, prev_state: dict | None = None, *
     histories: dict[str, list[float]] = {}
     for split, prefix in (("val", "val_"), ("test", "")):  # held-out validation, then test
         if split in datasets:
-            cm = evaluate(model, _loader(datasets[split], cfg, train=False, seed=0), num_classes, device)
+            cm = evaluate(model, _loader(datasets[split], cfg, train=False, seed=0), num_classes, device, cfg.amp)
             m = step_metrics(cm, classes[0])
         else:  # val_fraction=0: no validation split
             m = {k: float("nan") for k in ("miou_all", "miou_old", "miou_new")}
@@ -289,6 +344,7 @@ def run_step(cfg: ExperimentConfig, step: int, prev_state: dict | None = None, *
         "config": cfg.to_dict(),
         "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "statistics": statistics,
+        "collected": [name for name in collect if name in ctx.collectors],
         **histories,
         "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, list, dict))},
     }

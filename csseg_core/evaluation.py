@@ -34,7 +34,7 @@ def evaluate_state(state: dict, *, data_root: str | None = None, crop_val: bool 
     device = _device()
     model.to(device)
     with torch.no_grad():
-        cm = evaluate(model, _loader(datasets[split], cfg, train=False, seed=0), sum(classes), device)
+        cm = evaluate(model, _loader(datasets[split], cfg, train=False, seed=0), sum(classes), device, cfg.amp)
     metrics = step_metrics(cm, classes[0])
     metrics["step"] = step
     metrics["class_names"] = list(scenario.class_names())[: sum(classes)]

@@ -8,6 +8,13 @@
   configuration resumes after the last finished step;
 * ``tensorboard/``: the events of every step;
 * ``steps.parquet``: one row per step (see :func:`csseg_core.results.step_row`).
+
+Step 0 collects the statistics ``cfg.method`` needs (``state["collected"]``). A step-0 state
+reused from ``out_dir`` or from ``$CSSEG_HOME/states`` must hold them; when it lacks one (it
+was trained for another method), step 0 is trained again collecting the union of what it held
+and what this method needs, and the superset replaces the shared state (statistics follow the
+training trajectory, so they cannot be added to a finished state). Training is unchanged by
+what is collected, so the step-0 key stays shared by every method.
 """
 
 from __future__ import annotations
@@ -23,8 +30,10 @@ from .config import ExperimentConfig
 from .data import csseg_home
 from .engine import dist_info, run_step
 from .errors import ConfigError, CssegError, DataError
+from .methods import required_statistics
 from .results import append_rows, step_row
 from .state import load_state, save_state
+from .statistics import held_statistics
 
 
 def checkpoint_path(out_dir: str | Path, cfg: ExperimentConfig, step: int) -> Path:
@@ -94,28 +103,49 @@ def run_scenario(cfg: ExperimentConfig, out_dir: str | Path, *, steps: Iterable[
                               f"run that step first or pass --step-ckpt FILE")
         state = load_state(prev)
     results = []
+    need = set(required_statistics([cfg.method]))
     for step in steps:
         ckpt = checkpoint_path(out_dir, cfg, step)
         shared = shared_step0_path(cfg) if step == 0 else None
-        if resume and shared is not None and shared.exists() and not ckpt.exists() and rank == 0:
-            ckpt.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(shared, ckpt)  # the same step 0 trained by another run (any method)
-            echo(f"step 0: reusing the shared step-0 state {shared}")
+        collect: set[str] = set()
+        saved, source, lacking = None, None, None
+        if resume:  # every rank reads the same files, so every rank decides the same
+            for path in (ckpt, shared):
+                if path is None or not path.exists():
+                    continue
+                candidate = load_state(path)
+                if candidate.get("metrics") is None:
+                    continue
+                held = held_statistics(candidate) if step == 0 else need
+                if need <= held:
+                    saved, source = candidate, path
+                    break
+                collect |= held  # step 0 for another method: train it again with the union
+                lacking = lacking or (path, held)
+        if not resume and shared is not None and shared.exists():
+            collect |= held_statistics(load_state(shared))  # retraining never shrinks the shared state
+        if saved is None and lacking is not None and rank == 0:
+            path, held = lacking
+            missing = ", ".join(s for s in required_statistics(extra=need) if s not in held)
+            echo(f"step 0: trained again: the cached step-0 state {path} lacks the statistic(s) {missing} that "
+                 f"{cfg.method} needs (it holds {', '.join(required_statistics(extra=held)) or 'none'}); "
+                 f"the retrained state holds the union and replaces it")
         if dist_info()[1] > 1:
-            dist.barrier()  # every rank sees the copied shared state before deciding to reuse it
-        if resume and ckpt.exists():
-            saved = load_state(ckpt)
-            metrics = saved.get("metrics")
-            if metrics is not None:
-                state = saved
-                if rank == 0:
-                    append_rows(out_dir / "steps.parquet", [step_row(cfg, metrics, run=out_dir.name, reused=True)], key=("step",))
-                echo(f"step {step}: reusing {ckpt.name} | {format_metrics(metrics)}")
-                results.append(metrics)
-                continue
+            dist.barrier()  # every rank has read the files before rank 0 copies the shared state
+        if saved is not None:
+            if source == shared and rank == 0:
+                ckpt.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(shared, ckpt)  # the same step 0 trained by another run (any method)
+                echo(f"step 0: reusing the shared step-0 state {shared}")
+            state, metrics = saved, saved["metrics"]
+            if rank == 0:
+                append_rows(out_dir / "steps.parquet", [step_row(cfg, metrics, run=out_dir.name, reused=True)], key=("step",))
+            echo(f"step {step}: reusing {ckpt.name} | {format_metrics(metrics)}")
+            results.append(metrics)
+            continue
         try:
-            state, metrics = run_step(cfg, step, state, log_dir=str(out_dir / "tensorboard") if rank == 0 else None,
-                                      progress=progress)
+            state, metrics = run_step(cfg, step, state, collect=sorted(collect),
+                                      log_dir=str(out_dir / "tensorboard") if rank == 0 else None, progress=progress)
         except CssegError as err:
             done = f"; finished steps are in {out_dir}" if step > steps[0] else ""
             raise type(err)(f"{err}{done}") from None

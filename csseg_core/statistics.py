@@ -1,8 +1,14 @@
 """Statistics a step collects for later steps: SDR prototypes, EWC Fisher, PI and RW scores.
 
-Step 0 collects all of them, whatever the method, so one step-0 state serves every method
-(the reference code reduces EWC/PI/RW to FT when step 0 ran without the regulariser). Later
-steps collect what their method declares in ``Method.collects``.
+A step collects what the methods continuing from its state need (``Method.collects``, see
+:func:`csseg_core.methods.required_statistics`): step 0 is FT for every method but still collects
+the importances EWC/PI/RW need (the reference code silently reduces them to FT when step 0 ran
+without the regulariser). ``state["collected"]`` lists what a state holds (:func:`held_statistics`);
+a shared step-0 state that lacks a statistic is trained again with the union (none of them can
+be added afterwards: they follow the training trajectory).
+
+The per-iteration updates are in place (``torch._foreach_*``): no full-size temporaries except
+RW's two every ``interval`` iterations.
 
 Each collector has ``observe`` (before the loss, with detached features), ``after_backward``
 (with the main loss' gradients, before the optimizer step) and ``finalize`` (returns the
@@ -135,8 +141,8 @@ class PathIntegral:
         delta = [self.delta[n] for n, _ in items]
         last = [self.last[n] for n, _ in items]
         now = [p.detach() for _, p in items]
-        step = torch._foreach_sub(last, now)
-        torch._foreach_addcmul_(delta, [p.grad for _, p in items], step)
+        torch._foreach_sub_(last, now)  # last <- theta_prev - theta, in place (no new buffer)
+        torch._foreach_addcmul_(delta, [p.grad for _, p in items], last)
         torch._foreach_copy_(last, now)
 
     @torch.no_grad()
@@ -170,12 +176,20 @@ class RWalk:
         self.iteration += 1
         if self.iteration % self.interval:
             return
-        for n, p in _params(model).items():
-            if p.grad is None:
-                continue
-            diff = p.detach() - self.tmp[n]
-            self.score[n] += p.grad.detach() * (-diff) / (0.5 * self.fisher.fisher[n] * diff**2 + 1e-8)
-            self.tmp[n].copy_(p.detach())
+        items = [(n, p) for n, p in _params(model).items() if p.grad is not None]
+        if not items:
+            return
+        now = [p.detach() for _, p in items]
+        tmp = [self.tmp[n] for n, _ in items]
+        diff = torch._foreach_sub(now, tmp)                # theta - theta_tmp
+        den = torch._foreach_mul(diff, diff)
+        torch._foreach_mul_(den, [self.fisher.fisher[n] for n, _ in items])
+        torch._foreach_mul_(den, 0.5)
+        torch._foreach_add_(den, 1e-8)                     # 0.5 * F * diff^2 + 1e-8
+        torch._foreach_mul_(diff, [p.grad.detach() for _, p in items])
+        torch._foreach_div_(diff, den)                     # g * diff / den
+        torch._foreach_sub_([self.score[n] for n, _ in items], diff)  # score += g * (-diff) / den
+        torch._foreach_copy_(tmp, now)
 
     def finalize(self, model) -> dict:
         out = {}
@@ -187,10 +201,20 @@ class RWalk:
         return {"rw": out}
 
 
+def held_statistics(state: Mapping) -> frozenset[str]:
+    """The statistics (names of :data:`csseg_core.methods.STATISTICS`) a state holds:
+    ``state["collected"]``, or for states written before that key existed (and converted
+    official checkpoints) what its ``statistics`` hold."""
+    if "collected" in state:
+        return frozenset(state["collected"])
+    stats = state.get("statistics") or {}
+    return frozenset(k for k in ("prototypes", "fisher", "pi", "rw") if k in stats)
+
+
 def build_collectors(names, *, model, step: int, mode: str, num_classes: int, dim: int, prev: Mapping | None, device,
                      alpha: float = 0.9, gather: str = "pixel", sync_prototypes: bool = True) -> dict:
-    """Collectors for ``names`` (a subset of :data:`csseg_core.methods.STATISTICS`); ``gather`` and
-    ``sync_prototypes`` configure :class:`Prototypes`."""
+    """Collectors for ``names`` (a subset of :data:`csseg_core.methods.STATISTICS`; RW adds the Fisher);
+    ``gather`` and ``sync_prototypes`` configure :class:`Prototypes`."""
     names = set(names)
     if "rw" in names:
         names.add("fisher")

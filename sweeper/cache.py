@@ -1,7 +1,8 @@
 """The step-0 cache: a named, detached actor that trains each step-0 state once per sweep.
 
 Step 0 is FT for every method, so every trial of a grid cell needs the same step-0 state
-(``cfg.step_key(0)``). The actor maps that key to an ``ObjectRef`` of the state as numpy
+(``cfg.step_key(0)``). It collects the statistics of the sweep's method (a sweep searches one
+method, so that is the union over its trials; ``state["collected"]`` records them). The actor maps that key to an ``ObjectRef`` of the state as numpy
 arrays and to its file ``<sweep dir>/step0/<key>.pt``. The actor owns the refs it hands out
 (it calls ``ray.put`` itself on the data it receives), so they outlive the trials that made
 them. Refs travel wrapped in a list so Ray does not resolve them on the way.

@@ -145,7 +145,7 @@ def _step0(cfg: ExperimentConfig, loop: dict, rank: int, extra: dict) -> tuple[d
         if rank == 0:
             write_step_fragment(sweep_dir, trial_id, step_row(cfg, metrics0, cached=True, **extra))
         return state, metrics0
-    try:
+    try:  # collects what the sweep's one method needs (every trial of a sweep runs the same method)
         state, metrics0 = run_step(cfg, 0, None, log_dir=str(Path(sweep_dir) / "tb" / f"step0-{key0}"))
         metrics0 = portable_metrics(metrics0)
         if rank == 0:

@@ -207,3 +207,17 @@ def test_switches_enter_the_step_keys_and_leave_existing_keys_unchanged():
     assert sync.step_key(0) != base.step_key(0) and sync.step_key(1) != base.step_key(1)
     reduce = base.replace(attraction_reduce="reference")       # a loss of steps > 0 only
     assert reduce.step_key(0) == base.step_key(0) and reduce.step_key(1) != base.step_key(1)
+
+
+def test_amp_is_validated_and_hashed_only_when_set():
+    cfg = resolve_config("voc-15-1", "sdr")
+    assert cfg.amp == "off" and resolve_config("voc-15-1", "sdr", profile="paper").amp == "off"
+    bf16 = resolve_config("voc-15-1", "sdr", overrides={"amp": "bf16"})
+    assert bf16.amp == "bf16" and bf16.step_key(0) != cfg.step_key(0)
+    # "off" is not hashed: keys of states written before the field existed stay valid
+    assert resolve_config("voc-15-1", "sdr", overrides={"amp": "off"}).step_key(3) == cfg.step_key(3)
+    assert resolve_config("voc-15-1", "sdr", overrides={"amp": False}).amp == "off"  # YAML's unquoted `amp: off`
+    with pytest.raises(ConfigError) as err:
+        resolve_config("voc-15-1", "sdr", overrides={"amp": "fp8"})
+    assert str(err.value) == "amp must be one of off, bf16, fp16 (got 'fp8'); e.g. --set amp=off"
+    assert ExperimentConfig.from_dict(bf16.to_dict()) == bf16

@@ -350,3 +350,129 @@ def test_iteration_budget_and_new_classifier_multiplier(make_cfg, step0_runs):
     assert cfg.step_key(0) == make_cfg().step_key(0)  # step 0 is shared whatever the incremental budget
     _, metrics = run_step(cfg, 1, state0)
     assert metrics["iterations"] == 3
+
+
+# ----------------------------------------------------------------------------- statistics a step 0 holds
+def test_shared_step0_is_trained_again_with_the_union_when_it_lacks_a_statistic(make_cfg, tmp_path):
+    """SDR's step 0 holds the prototypes only; EWC then needs the Fisher: step 0 is trained again
+    (one line says why) collecting both, and that superset replaces the shared state, which
+    SDR and FT then reuse without training."""
+    seed = 1234  # a step-0 key of this test only (the shared states live in the session's $CSSEG_HOME)
+    sdr, ewc = make_cfg("sdr", seed=seed), make_cfg("ewc", seed=seed)
+    assert sdr.step_key(0) == ewc.step_key(0)
+    shared = runner.shared_step0_path(sdr)
+    lines: list[str] = []
+    run_scenario(sdr, tmp_path / "sdr", steps=[0], progress=False, echo=lines.append)
+    first = load_state(shared)
+    assert first["collected"] == ["prototypes"] and set(first["statistics"]) == {"prototypes", "prototype_counts"}
+
+    lines.clear()
+    run_scenario(ewc, tmp_path / "ewc", steps=[0], progress=False, echo=lines.append)
+    assert len(lines) == 2 and lines[0] == (
+        f"step 0: trained again: the cached step-0 state {shared} lacks the statistic(s) fisher that ewc needs "
+        "(it holds prototypes); the retrained state holds the union and replaces it"), lines
+    again = load_state(shared)
+    assert again["collected"] == ["prototypes", "fisher"]
+    assert _weights_equal(again["model"], first["model"])  # collecting never changes the training
+    assert _same(again["statistics"]["prototypes"], first["statistics"]["prototypes"])
+    assert _same(load_state(checkpoint_path(tmp_path / "ewc", ewc, 0))["collected"], ["prototypes", "fisher"])
+
+    # the superset serves every method: nothing is trained again
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runner, "run_step", lambda *a, **k: pytest.fail("step 0 was trained again"))
+        for method in ("sdr", "ft", "ewc"):
+            lines.clear()
+            run_scenario(make_cfg(method, seed=seed), tmp_path / f"{method}-again", steps=[0], progress=False,
+                         echo=lines.append)
+            assert lines[0] == f"step 0: reusing the shared step-0 state {shared}", (method, lines)
+        # the run directory of SDR still holds the prototypes-only state: EWC there takes the shared one
+        lines.clear()
+        run_scenario(ewc, tmp_path / "sdr", steps=[0], progress=False, echo=lines.append)
+        assert lines[0] == f"step 0: reusing the shared step-0 state {shared}", lines
+    assert load_state(checkpoint_path(tmp_path / "sdr", ewc, 0))["collected"] == ["prototypes", "fisher"]
+    # and EWC's step 1 runs from it with its penalty
+    _, metrics = run_step(ewc, 1, again)
+    assert set(metrics["losses"]) == {"ce", "reg"} and all(math.isfinite(v) for v in metrics["losses"].values())
+
+
+# ----------------------------------------------------------------------------- mixed precision
+def test_bf16_autocast_trains_with_finite_float32_losses_and_states(make_cfg, step0_runs):
+    cfg = make_cfg("sdr", amp="bf16")
+    assert cfg.step_key(0) != make_cfg("sdr").step_key(0)  # amp changes the training, hence the key
+    state0, metrics0 = run_step(cfg, 0)
+    assert all(math.isfinite(v) for v in metrics0["losses"].values()) and metrics0["iterations"] == 2
+    assert 0.0 <= metrics0["miou_all"] <= 1.0
+    # the weights and statistics stay float32 (autocast touches the forward only) and differ from fp32's
+    fp32 = step0_runs["a"][0]
+    for n, t in state0["model"].items():
+        assert t.dtype == fp32["model"][n].dtype and bool(torch.isfinite(t.float()).all()), n
+    assert not _weights_equal(state0["model"], fp32["model"])
+    assert state0["statistics"]["prototypes"].dtype == torch.float32
+    _, metrics1 = run_step(cfg, 1, state0)  # SDR's distillation terms under autocast, computed in float32
+    assert set(metrics1["losses"]) == {"unce", "unkd", "pm", "attraction", "repulsion", "sparsity"}
+    assert all(math.isfinite(v) for v in metrics1["losses"].values()), metrics1["losses"]
+
+
+def test_fp16_without_cuda_is_a_one_line_config_error(make_cfg):
+    if torch.cuda.is_available():
+        pytest.skip("fp16 autocast is available on this machine")
+    with pytest.raises(ConfigError, match=r"^amp=fp16 needs a CUDA device; use amp=bf16 on CPU \(or amp=off\)$"):
+        run_step(make_cfg(amp="fp16"), 0)
+
+
+def test_loader_workers_persist_over_the_epochs_and_stop_with_the_step(make_cfg, step0_runs):
+    """num_workers > 0: the workers are forked once (before the statistics buffers) and serve
+    every epoch; they are gone when the step returns."""
+    import multiprocessing
+
+    from torch.utils.data import dataloader
+
+    created = []
+    original = dataloader._MultiProcessingDataLoaderIter.__init__
+
+    def counting(self, loader):
+        created.append(loader.dataset)
+        original(self, loader)
+
+    cfg = make_cfg("lwf", epochs_incremental=2, num_workers=1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dataloader._MultiProcessingDataLoaderIter, "__init__", counting)
+        state, metrics = run_step(cfg, 1, step0_runs["a"][0])
+    train_forks = [d for d in created if len(d) == 32]  # the 32-image train list (val/test loaders fork per split)
+    assert len(train_forks) == 1, f"the training workers were forked {len(train_forks)} times for 2 epochs"
+    assert metrics["iterations"] == 4 and state["collected"] == [] and set(metrics["losses"]) == {"ce", "kd"}
+    assert all(math.isfinite(v) for v in metrics["losses"].values())
+    assert not multiprocessing.active_children(), "loader workers outlived the step"
+    # FT's step 0 collected nothing: EWC cannot continue from it and says why
+    with pytest.raises(ConfigError, match="method 'ewc' cannot start step 1: the previous state has no 'fisher' statistics"):
+        run_step(make_cfg("ewc"), 1, step0_runs["a"][0])
+
+
+def test_a_run_without_resume_keeps_the_shared_step0_statistics(make_cfg, tmp_path):
+    """resume=False retrains step 0 but never shrinks what the shared state holds."""
+    seed = 4321
+    ewc, sdr = make_cfg("ewc", seed=seed), make_cfg("sdr", seed=seed)
+    run_scenario(ewc, tmp_path / "a", steps=[0], progress=False, echo=lambda s: None)
+    assert load_state(runner.shared_step0_path(ewc))["collected"] == ["fisher"]
+    run_scenario(sdr, tmp_path / "b", steps=[0], progress=False, resume=False, echo=lambda s: None)
+    assert load_state(runner.shared_step0_path(sdr))["collected"] == ["prototypes", "fisher"]
+
+
+def test_evaluate_under_amp_counts_like_float32_and_fp16_falls_back_on_cpu():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            return self.conv(x), {}
+
+    torch.manual_seed(0)
+    net = Net()
+    data = [(torch.randn(2, 3, 8, 8), torch.randint(0, 4, (2, 8, 8))) for _ in range(3)]
+    ref = evaluate(net, data, 4, torch.device("cpu")).mat
+    assert ref.sum() == 3 * 2 * 8 * 8
+    if not torch.cuda.is_available():  # a GPU fp16 state evaluated on a CPU: float32
+        assert torch.equal(evaluate(net, data, 4, torch.device("cpu"), "fp16").mat, ref)
+    bf16 = evaluate(net, data, 4, torch.device("cpu"), "bf16").mat
+    assert bf16.sum() == ref.sum()

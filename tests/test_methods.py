@@ -17,7 +17,7 @@ from csseg_core import engine
 from csseg_core.config import resolve_config
 from csseg_core.engine import run_step
 from csseg_core.errors import ConfigError, TrainingError
-from csseg_core.methods import STATISTICS, build_method, get_method, list_methods, method_defaults
+from csseg_core.methods import STATISTICS, build_method, get_method, list_methods, method_defaults, required_statistics
 from csseg_core.metrics import ConfusionMatrix
 from csseg_core.state import load_state, save_state
 
@@ -56,10 +56,11 @@ STAT_KEYS = {"prototypes": {"prototypes", "prototype_counts"}, "fisher": {"fishe
 
 # ----------------------------------------------------------------------------- shared setup
 def shared_step0(csseg_home: Path, cfg) -> dict:
-    """The step-0 state of ``cfg``, trained once per session and cached under $CSSEG_HOME by its key."""
+    """The step-0 state of ``cfg`` with every statistic (so every method continues from it),
+    trained once per session and cached under $CSSEG_HOME by its key."""
     path = Path(csseg_home) / "shared-step0" / f"step0-{cfg.step_key(0)}.pt"
     if not path.is_file():
-        state, _ = run_step(cfg, 0)
+        state, _ = run_step(cfg, 0, collect=STATISTICS)
         save_state(state, path)
     return load_state(path)
 
@@ -171,6 +172,7 @@ def test_every_method_loads_the_same_step0_state_and_keys(step0, step1, make_cfg
 def test_step0_state_holds_every_statistic(step0):
     state0, _ = step0
     stats = state0["statistics"]
+    assert state0["collected"] == list(STATISTICS)
     assert set(stats) == {"prototypes", "prototype_counts", "fisher", "pi", "rw"}
     assert stats["prototypes"].shape == (16, 128) and stats["prototype_counts"].shape == (16,)
     assert stats["prototype_counts"][0] > 0  # step 0 labels define the background
@@ -223,7 +225,7 @@ def test_nonzero_weights_change_the_update(step1):
 # ----------------------------------------------------------------------------- step 0 = FT
 def test_step0_is_ft_for_every_method(make_cfg, step0, monkeypatch):
     # the training update is under test, not the evaluation: skip it (10 step-0 runs on 2 cores)
-    monkeypatch.setattr(engine, "evaluate", lambda model, loader, num_classes, device: ConfusionMatrix(num_classes))
+    monkeypatch.setattr(engine, "evaluate", lambda model, loader, num_classes, device, amp="off": ConfusionMatrix(num_classes))
     ref_state, ref_metrics = run_step(make_cfg("ft"), 0)
     assert _weights_equal(ref_state["model"], step0[0]["model"]), "the cached shared step 0 differs from a fresh one"
     for method in list_methods()[1:]:
@@ -235,13 +237,30 @@ def test_step0_is_ft_for_every_method(make_cfg, step0, monkeypatch):
         assert set(metrics["losses"]) == {"ce"}, method
         assert metrics["losses"] == ref_metrics["losses"], method
         assert _weights_equal(state["model"], ref_state["model"]), method
-        assert state["config"]["method"] == method and state["statistics"].keys() == ref_state["statistics"].keys()
+        # it collects exactly what the method needs from it, nothing for the other methods
+        assert state["config"]["method"] == method
+        assert state["collected"] == list(required_statistics([method])), method
+        expected = set().union(*(STAT_KEYS[s] for s in get_method(method).collects))
+        assert set(state["statistics"]) == expected, method
+        for key in expected:  # the very values of the all-statistics step 0
+            assert _same(state["statistics"][key], step0[0]["statistics"][key]), (method, key)
+    assert ref_state["collected"] == [] and ref_state["statistics"] == {}  # FT needs nothing
+
+
+def test_required_statistics_are_the_union_closed_under_rw_needing_the_fisher():
+    assert required_statistics(["ft", "lwf", "mib"]) == ()
+    assert required_statistics(["sdr"]) == ("prototypes",)
+    assert required_statistics(["rw"]) == required_statistics(extra=["rw"]) == ("fisher", "rw")
+    assert required_statistics(["pi", "sdr", "ewc"]) == ("prototypes", "fisher", "pi")
+    assert required_statistics(list_methods()) == STATISTICS
+    with pytest.raises(ConfigError, match="unknown statistic 'hessian'"):
+        required_statistics(extra=["hessian"])
 
 
 def test_step0_state_does_not_depend_on_method_hyperparameters(make_cfg, step0):
     cfg = make_cfg("ewc", reg_alpha=0.5)
     assert cfg.step_key(0) == make_cfg("ft").step_key(0)
-    state, _ = run_step(cfg, 0)
+    state, _ = run_step(cfg, 0, collect=STATISTICS)
     stats, ref = state["statistics"], step0[0]["statistics"]
     assert _same({k: stats[k] for k in ("prototypes", "prototype_counts", "pi")},
                  {k: ref[k] for k in ("prototypes", "prototype_counts", "pi")})

@@ -13,9 +13,10 @@ from .base import (
     list_methods,
     method_defaults,
     register_method,
+    required_statistics,
 )
 
 __all__ = [
     "STATISTICS", "Batch", "Method", "Output", "StepContext", "build_method", "canonical_method",
-    "get_method", "list_methods", "method_defaults", "register_method",
+    "get_method", "list_methods", "method_defaults", "register_method", "required_statistics",
 ]

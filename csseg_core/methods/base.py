@@ -26,7 +26,29 @@ from .. import losses as L
 from ..errors import ConfigError
 
 STATISTICS = ("prototypes", "fisher", "pi", "rw")
-"""Statistics a step can collect; step 0 collects all of them (one step 0 serves every method)."""
+"""Statistics a step can collect. A step collects those its consumers need: the methods that will
+continue from its state (:func:`required_statistics`); ``state["collected"]`` records them."""
+
+STATISTIC_NEEDS = {"rw": ("fisher",)}
+"""Statistics another one is computed from (RW's score uses the running Fisher)."""
+
+
+def required_statistics(methods=(), extra=()) -> tuple[str, ...]:
+    """The statistics a step must collect so that every method of ``methods`` can continue from
+    its state, plus ``extra`` (names from :data:`STATISTICS`), closed under
+    :data:`STATISTIC_NEEDS`, in :data:`STATISTICS` order.
+
+    Example:
+        >>> required_statistics(["sdr", "rw"])
+        ('prototypes', 'fisher', 'rw')
+    """
+    names = {s for m in methods for s in get_method(m).collects} | set(extra)
+    unknown = sorted(names - set(STATISTICS))
+    if unknown:
+        raise ConfigError(f"unknown statistic {unknown[0]!r}; choose from: {', '.join(STATISTICS)}")
+    for name in list(names):
+        names.update(STATISTIC_NEEDS.get(name, ()))
+    return tuple(s for s in STATISTICS if s in names)
 
 
 @dataclass(frozen=True)
@@ -82,7 +104,8 @@ class Method:
     name: ClassVar[str] = ""
     Params: ClassVar[type] = NoParams
     collects: ClassVar[tuple[str, ...]] = ()
-    """Statistics this method needs from every step (step 0 always collects all)."""
+    """Statistics this method needs from the previous step's state (every step of the method collects
+    them; step 0 collects them when the method, or another one sharing that step 0, needs them)."""
     needs_old_features: ClassVar[bool] = False
 
     def __init__(self, params: Any) -> None:

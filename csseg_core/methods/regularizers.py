@@ -1,6 +1,7 @@
 """EWC, PI and RW: cross-entropy + a parameter-space penalty weighted by importances that the
-previous step collected (step 0 collects them for every method, so the shared step-0 state
-does not silently reduce these methods to FT as in the reference code).
+previous step collected (step 0 collects them for these methods, and a shared step-0 state that
+lacks them is trained again with them, so it never silently reduces these methods to FT as in
+the reference code).
 
 Reference preset weight 1000 (the MiB paper used 500 / 500 / 100; PLOP 100): set ``reg``.
 """
