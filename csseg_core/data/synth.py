@@ -325,7 +325,8 @@ def default_data_root(dataset: str = "voc") -> Path:
                 shutil.rmtree(tmp, ignore_errors=True)
     if dataset == "voc":
         _mark_synthetic(target / "VOCdevkit" / "VOC2012")  # sets cached by older versions
-    if target not in _ANNOUNCED:  # one line per process, not one per step
+    # one line per process, not one per step; none in a sweep's Ray workers (the sweep prints it once)
+    if target not in _ANNOUNCED and os.environ.get("CSSEG_SYNTHETIC_NOTE", "1") != "0":
         _ANNOUNCED.add(target)
         print(
             f"csseg: no --data-root given, using the synthetic {dataset.upper()} dataset at {target}",
