@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -178,7 +179,21 @@ def _rows_shown(progress: SweepProgress, max_rows: int | None) -> tuple[list[Tri
     return [t for t in rows if t.trial_id in keep_ids], len(rows) - len(keep)
 
 
-def build_table(progress: SweepProgress, now: float | None = None, max_rows: int | None = None) -> Group:
+def _error_line(t: TrialRow, width: int | None) -> Text:
+    """``error <trial>: <message> (log: <path>)``, the message shortened to keep it on one line."""
+    where = f" (log: {t.error_path})" if t.error_path else ""
+    head = f"error {t.trial_id}: "
+    message = t.error or "failed"
+    if width is not None and len(head) + len(message) + len(where) > width:
+        keep = max(12, width - len(head) - len(where) - 1)
+        message = message[:keep] + "…" if len(message) > keep else message
+    line = Text(head + message, style="red")
+    line.append(where)
+    return line
+
+
+def build_table(progress: SweepProgress, now: float | None = None, max_rows: int | None = None,
+                width: int | None = None) -> Group:
     """The live view: the sweep's headline, one table row per trial (grouped by cell; a cell not
     started yet is one ``pending`` row), then one line per failed trial with its log and the path
     of ``sweep.log``.
@@ -187,6 +202,7 @@ def build_table(progress: SweepProgress, now: float | None = None, max_rows: int
         progress: the sweep's state (trials started so far).
         now: the clock (``time.time()``); fixed in tests.
         max_rows: show at most this many trial rows (running and errors first); None = all.
+        width: the terminal's width: an error's message is shortened so that its line fits.
     """
     now = time.time() if now is None else now
     with progress.lock:
@@ -210,10 +226,10 @@ def build_table(progress: SweepProgress, now: float | None = None, max_rows: int
         notes = Text()
         if hidden:
             notes.append(f"… {hidden} finished trial(s) not shown (csseg results DIR)\n", style="dim")
-        for t in progress.trials.values():  # errors: one line each (folded when the path is long)
+        for t in progress.trials.values():  # errors: one line each, with the path of the trial's error log
             if t.state == "error":
-                notes.append(f"error {t.trial_id}: {t.error}", style="red")
-                notes.append(f" (log: {t.error_path})\n" if t.error_path else "\n")
+                notes.append_text(_error_line(t, width))
+                notes.append("\n")
         if progress.log_path:
             notes.append(f"Ray/Tune log: {progress.log_path}", style="dim")
         notes.rstrip()
@@ -242,22 +258,23 @@ class LiveView:
     def __init__(self, progress: SweepProgress, console: Console | None = None,
                  echo: Callable[[str], None] | None = None) -> None:
         self.progress = progress
-        self.console = console or Console()
+        self.stream = sys.stdout  # the terminal, kept while the sweep's own prints go to sweep.log
+        self.console = console or Console(file=self.stream)
         self.live_mode = self.console.is_terminal and not self.console.is_dumb_terminal
-        self.echo = echo or (lambda s: print(s, flush=True))
+        self.echo = echo or (lambda s: print(s, file=self.stream, flush=True))
         self._live = None
         self._last_plain = 0.0
 
     def _renderable(self):
         height = self.console.size.height
-        return build_table(self.progress, max_rows=max(4, height - 12))
+        return build_table(self.progress, max_rows=max(4, height - 12), width=self.console.size.width)
 
     def __enter__(self) -> "LiveView":
         if self.live_mode:
             from rich.live import Live
 
             self._live = Live(get_renderable=self._renderable, console=self.console, refresh_per_second=1,
-                              transient=False, redirect_stdout=True, redirect_stderr=True)
+                              transient=False, redirect_stdout=False, redirect_stderr=False)
             self._live.__enter__()
         return self
 
@@ -340,6 +357,14 @@ def ray_output_to_file(path: Path) -> Iterator[logging.Handler]:
         for logger, handlers, propagate in saved:
             logger.handlers, logger.propagate = handlers, propagate
         handler.close()
+
+
+@contextlib.contextmanager
+def prints_to_file(path: Path) -> Iterator[None]:
+    """``print`` to ``sys.stdout``/``sys.stderr`` goes to ``path`` (Tune prints its experiment tables)."""
+    with open(path, "a", encoding="utf-8", buffering=1) as f, \
+            contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        yield
 
 
 def append_worker_logs(log_path: Path, logs_dir: str | None, max_bytes: int = 1 << 20) -> int:

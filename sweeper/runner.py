@@ -36,7 +36,7 @@ from csseg_core.errors import ConfigError
 from search_spaces import GridCell, to_optuna
 
 from .cache import get_cache, kill_cache
-from .live import LiveView, SweepProgress, append_worker_logs, ray_output_to_file
+from .live import LiveView, SweepProgress, append_worker_logs, prints_to_file, ray_output_to_file
 from .spec import TEST_PROTOCOL_NOTE, Plan, SweepSpec, plan_sweep, spec_to_dict
 from .tables import TRIALS, merge_trial, read_json, read_table, started_trials, write_json
 from .trial import trial_driver
@@ -107,7 +107,7 @@ class LiveCallback(tune.Callback):
         with contextlib.suppress(OSError):
             if path and Path(path).exists():  # Tune's error.txt: a traceback whose last line is the error
                 lines = [ln for ln in Path(path).read_text().strip().splitlines() if ln.strip()]
-                message = lines[-1][:200] if lines else None
+                message = lines[-1].split("TrialError: ", 1)[-1][:300] if lines else None
         view.update(view.progress.end(self.cell, trial.trial_id, time.time(), error=message or "failed",
                                       error_path=path), ended=True)
 
@@ -328,7 +328,7 @@ def run_sweep(spec: SweepSpec) -> Path:
         try:
             own_ray, url = init_ray(spec)
             logs_dir = _ray_logs_dir()
-            logging.getLogger("ray.csseg").warning(f"sweep {plan.name}: Ray session logs (worker output) in {logs_dir}")
+            logging.getLogger("ray.csseg").info(f"sweep {plan.name}: Ray session logs (worker output) in {logs_dir}")
             concurrency = size_concurrency(spec, ray.cluster_resources())
             log(f"sweep {plan.name}: {len(plan.cells)} cell(s) x {spec.trials} trial(s) of {plan.method}, "
                 f"{concurrency} at once -> {plan.sweep_dir}")
@@ -344,7 +344,8 @@ def run_sweep(spec: SweepSpec) -> Path:
                 _VIEWS[plan.name] = LiveView(progress)
             with (_VIEWS[plan.name] if calm else contextlib.nullcontext()):
                 for cell in todo:
-                    run_cell(plan, cell, concurrency)
+                    with (prints_to_file(log_path) if calm else contextlib.nullcontext()):
+                        run_cell(plan, cell, concurrency)
                     for trial_id in started_trials(plan.sweep_dir, cell.name):  # catch anything a callback missed
                         merge_trial(plan.sweep_dir, trial_id, ended="complete")
                     state["cells_done"].append(cell.name)
