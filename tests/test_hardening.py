@@ -652,6 +652,7 @@ def test_sweep_killed_mid_step_resumes_from_its_step_checkpoint(tmp_path, voc_te
     logged = (sweep / "sweep.log").stat().st_size if (sweep / "sweep.log").exists() else 0
     done = subprocess.run(_sweep_cmd(storage, "--resume"), capture_output=True, text=True, env=env,
                           cwd=str(tmp_path), timeout=240, start_new_session=True)
+    (tmp_path / "second.log").write_text(done.stdout + done.stderr)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     # the calm console: plain lines (no terminal), one note, Ray's and Tune's output in sweep.log
     printed = (done.stdout + done.stderr).splitlines()
@@ -660,7 +661,7 @@ def test_sweep_killed_mid_step_resumes_from_its_step_checkpoint(tmp_path, voc_te
     assert f"{trial_id} ok at step 2/2" in done.stdout, done.stdout
     assert not any(s in done.stdout + done.stderr for s in ("Trial status", "Configuration for experiment",
                                                             "Checkpoint successfully created", " pid=")), printed
-    ray_log = (sweep / "sweep.log").read_text()[logged:]
+    ray_log = (sweep / "sweep.log").read_bytes()[logged:].decode("utf-8", "replace")
     assert f"Ray/Tune output: {sweep / 'sweep.log'}" in done.stdout
     assert "Started a local Ray instance" in ray_log  # Ray's logger
     assert "Wrote the latest version of all result files" in ray_log  # Tune's logger
