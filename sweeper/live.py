@@ -343,12 +343,6 @@ def ray_output_to_file(path: Path) -> Iterator[logging.Handler]:
         saved.append((logger, list(logger.handlers), logger.propagate))
         logger.handlers = [handler]
         logger.propagate = False
-    try:
-        import optuna
-
-        optuna.logging.disable_default_handler()  # its handler lives on the "optuna" logger: removed above anyway
-    except Exception:  # noqa: BLE001 - optional
-        pass
     logging.captureWarnings(True)
     try:
         yield handler
