@@ -314,7 +314,9 @@ def sweep(scenarios: str = typer.Argument(..., help="Scenario(s), comma separate
           data_root: Optional[Path] = typer.Option(None, help="Dataset root; default: the synthetic dataset."),
           profile: str = typer.Option("smoke", help="smoke, small or paper."),
           set_: Optional[List[str]] = typer.Option(None, "--set", help="key=value pinned for every trial (repeatable)."),
-          no_dashboard: bool = typer.Option(False, "--no-dashboard", help="Start Ray without its dashboard.")):
+          no_dashboard: bool = typer.Option(False, "--no-dashboard", help="Start Ray without its dashboard."),
+          verbose: bool = typer.Option(False, "--verbose", help="Ray's own output (Tune tables, worker prints) "
+                                                                "here instead of the live table + sweep.log.")):
     """Sweep loss weights over a scenario grid: Ray Tune + Optuna, one TorchTrainer per trial."""
     from csseg_core.config import parse_set
     from sweeper import SweepSpec, run_sweep
@@ -332,7 +334,7 @@ def sweep(scenarios: str = typer.Argument(..., help="Scenario(s), comma separate
                      resume=resume, seed=seed, max_failures=max_failures,
                      data_root=str(data_root) if data_root else None, profile=profile,
                      overrides=tuple(parse_set(set_ or []).items()), grid_seeds=grid_seeds,
-                     dashboard=not no_dashboard)
+                     dashboard=not no_dashboard, verbose=1 if verbose else 0)
     sweep_dir = run_sweep(spec)
     _print_leaderboard(sweep_dir, None, top=5)
     typer.echo(f"next: csseg results {sweep_dir} | csseg export-best {sweep_dir} --out best.yaml")

@@ -9,6 +9,10 @@ optuna-dashboard), ``tune/<cell>/`` (Tune experiment), ``train/<trial_id>/`` (Ra
 and step checkpoints), ``step0/<key>.pt`` (shared step-0 states), ``tb/`` (TensorBoard) and
 ``rows/`` (per-trial fragments merged into the tables).
 
+``sweep.log`` holds Ray's, Tune's and Optuna's output (and the workers' prints, appended at
+the end when the sweep started Ray) while the terminal shows the live table of ``live.py``;
+``SweepSpec.verbose >= 1`` (``csseg sweep --verbose``) restores Ray's own console output.
+
 The driver trainable asks for no CPU (``{"CPU": 0, "memory": 1 MiB}``): with 2 CPUs and two
 1-CPU trials even a fractional driver CPU (2 × 1.01 > 2) leaves a Train worker unplaced
 forever (the deadlock of ray#54305); concurrency is sized from the workers' needs instead.
@@ -16,7 +20,9 @@ forever (the deadlock of ray#54305); concurrency is sized from the workers' need
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
 import time
@@ -30,6 +36,7 @@ from csseg_core.errors import ConfigError
 from search_spaces import GridCell, to_optuna
 
 from .cache import get_cache, kill_cache
+from .live import LiveView, SweepProgress, append_worker_logs, prints_to_file, ray_output_to_file
 from .spec import TEST_PROTOCOL_NOTE, Plan, SweepSpec, plan_sweep, spec_to_dict
 from .tables import TRIALS, merge_trial, read_json, read_table, started_trials, write_json
 from .trial import trial_driver
@@ -63,6 +70,48 @@ class TablesCallback(tune.Callback):
         self._merge(trial, "error")
 
 
+#: the live views of the sweeps running in this process, by sweep name (see :class:`LiveCallback`)
+_VIEWS: dict[str, LiveView] = {}
+
+
+class LiveCallback(tune.Callback):
+    """Feeds the sweep's :class:`~sweeper.live.LiveView` from Tune's trial events (driver process).
+
+    It holds names only: Tune pickles its callbacks into the experiment (``tuner.pkl``), and a
+    restored experiment then finds the view of the sweep running now, if any.
+    """
+
+    def __init__(self, sweep: str, cell: str) -> None:
+        self.sweep, self.cell = sweep, cell
+
+    def _view(self) -> LiveView | None:
+        return _VIEWS.get(self.sweep)
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        if (view := self._view()) is not None:
+            view.update(view.progress.start(self.cell, trial.trial_id, time.time()))
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        if (view := self._view()) is not None:
+            view.update(view.progress.result(self.cell, trial.trial_id, result, time.time()))
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        if (view := self._view()) is not None:
+            view.update(view.progress.end(self.cell, trial.trial_id, time.time()), ended=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        if (view := self._view()) is None:
+            return
+        path = getattr(trial, "error_file", None)
+        message = None
+        with contextlib.suppress(OSError):
+            if path and Path(path).exists():  # Tune's error.txt: a traceback whose last line is the error
+                lines = [ln for ln in Path(path).read_text().strip().splitlines() if ln.strip()]
+                message = lines[-1].split("TrialError: ", 1)[-1][:300] if lines else None
+        view.update(view.progress.end(self.cell, trial.trial_id, time.time(), error=message or "failed",
+                                      error_path=path), ended=True)
+
+
 # ---------------------------------------------------------------------------- ray
 #: Ray Train's controller polls its workers every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` (2 s by
 #: default) and only notices a finished train function at the next poll: 0.5 s takes ~3 s off
@@ -84,24 +133,49 @@ def train_env(local: bool = True) -> dict[str, str]:
     return {k: os.environ.get(k, v) for k, v in wanted.items()}
 
 
-def init_ray(spec: SweepSpec) -> bool:
-    """Start (or join) Ray; returns True if this call connected and must shut it down."""
+def init_ray(spec: SweepSpec) -> tuple[bool, str | None]:
+    """Start (or join) Ray; returns (True if this call connected and must shut it down, dashboard URL).
+
+    Workers print to the driver's terminal only with ``spec.verbose >= 1``; otherwise their output
+    stays in Ray's session logs (see ``sweep.log``). They never repeat the synthetic-data note
+    (``CSSEG_SYNTHETIC_NOTE=0``): the driver prints it once.
+    """
     if ray.is_initialized():
-        return False
+        return False, None
     paths = [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
-    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in paths if p), **train_env(local=not spec.address)}}
+    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in paths if p), "CSSEG_SYNTHETIC_NOTE": "0",
+                        **train_env(local=not spec.address)}}
+    quiet = {"log_to_driver": spec.verbose >= 1}
     if spec.address:
-        ctx = ray.init(address=spec.address, runtime_env=env)
+        ctx = ray.init(address=spec.address, runtime_env=env, **quiet)
     else:
         try:
-            ctx = ray.init(include_dashboard=spec.dashboard, dashboard_host="127.0.0.1", runtime_env=env)
+            ctx = ray.init(include_dashboard=spec.dashboard, dashboard_host="127.0.0.1", runtime_env=env, **quiet)
         except Exception as err:  # noqa: BLE001 - minimal ray: go on without the dashboard
             log(f"Ray dashboard unavailable ({err}); starting without it")
-            ctx = ray.init(include_dashboard=False, runtime_env=env)
+            ctx = ray.init(include_dashboard=False, runtime_env=env, **quiet)
     url = getattr(ctx, "dashboard_url", None)
     if url:
         log(f"Ray dashboard: http://{url}  (token: `ray get-auth-token`)")
-    return True
+    return True, (f"http://{url}" if url else None)
+
+
+def _ray_logs_dir() -> str | None:
+    try:
+        return ray._private.worker._global_node.get_logs_dir_path()
+    except Exception:  # noqa: BLE001 - a private API: the path is a convenience only
+        return None
+
+
+def announce_data(plan: Plan) -> None:
+    """Without ``--data-root``: make the synthetic datasets here, once, before any trial (one note line)."""
+    if plan.spec.data_root:
+        return
+    from csseg_core.data import default_data_root
+    from csseg_core.scenarios import get_scenario
+
+    for dataset in dict.fromkeys(get_scenario(c.scenario).dataset for c in plan.cells):
+        default_data_root(dataset)
 
 
 def size_concurrency(spec: SweepSpec, resources: dict[str, float]) -> int:
@@ -202,7 +276,10 @@ def tune_config(plan: Plan, cell: GridCell, concurrency: int) -> tuple[tune.Tune
 
 
 def run_cell(plan: Plan, cell: GridCell, concurrency: int):
-    """Fit (or restore and finish) the Tuner of one grid cell; returns its ResultGrid."""
+    """Fit (or restore and finish) the Tuner of one grid cell; returns its ResultGrid.
+
+    A restored experiment keeps the callbacks it was started with (Tune pickles them).
+    """
     trainable = tune.with_resources(tune.with_parameters(trial_driver, ctx=_cell_ctx(plan, cell)), DRIVER_RESOURCES)
     exp_dir = plan.sweep_dir / "tune" / cell.name
     if tune.Tuner.can_restore(str(exp_dir)):
@@ -215,7 +292,8 @@ def run_cell(plan: Plan, cell: GridCell, concurrency: int):
         tune_config=config,
         run_config=tune.RunConfig(name=cell.name, storage_path=str(plan.sweep_dir / "tune"),
                                   failure_config=tune.FailureConfig(max_failures=0),
-                                  callbacks=[TablesCallback(str(plan.sweep_dir))], verbose=plan.spec.verbose),
+                                  callbacks=[TablesCallback(str(plan.sweep_dir)), LiveCallback(plan.name, cell.name)],
+                                  verbose=plan.spec.verbose),
     )
     return tuner.fit()
 
@@ -239,27 +317,47 @@ def run_sweep(spec: SweepSpec) -> Path:
     if spec.select_on == "test":
         log(TEST_PROTOCOL_NOTE)
     state = prepare_dir(plan)
+    announce_data(plan)
     started = time.perf_counter()
-    own_ray = init_ray(spec)
-    try:
-        concurrency = size_concurrency(spec, ray.cluster_resources())
-        log(f"sweep {plan.name}: {len(plan.cells)} cell(s) x {spec.trials} trial(s) of {plan.method}, "
-            f"{concurrency} at once -> {plan.sweep_dir}")
-        get_cache(plan.name, plan.sweep_dir / "step0")
-        for cell in plan.cells:
-            if cell.name in state["cells_done"]:
-                log(f"{cell.name}: already complete, skipped")
-                continue
-            run_cell(plan, cell, concurrency)
-            for trial_id in started_trials(plan.sweep_dir, cell.name):  # catch anything a callback missed
-                merge_trial(plan.sweep_dir, trial_id, ended="complete")
-            state["cells_done"].append(cell.name)
-            write_json(plan.sweep_dir / "sweep.json", state)
-        stats = kill_cache(plan.name) or {}
-    finally:
-        kill_cache(plan.name)
-        if own_ray:
-            ray.shutdown()
+    calm = spec.verbose < 1
+    log_path = plan.sweep_dir / "sweep.log"
+    if calm:
+        log(f"Ray/Tune output: {log_path}  (--verbose shows it here)")
+    own_ray = False
+    with (ray_output_to_file(log_path) if calm else contextlib.nullcontext()):
+        try:
+            own_ray, url = init_ray(spec)
+            logs_dir = _ray_logs_dir()
+            logging.getLogger("ray.csseg").info(f"sweep {plan.name}: Ray session logs (worker output) in {logs_dir}")
+            concurrency = size_concurrency(spec, ray.cluster_resources())
+            log(f"sweep {plan.name}: {len(plan.cells)} cell(s) x {spec.trials} trial(s) of {plan.method}, "
+                f"{concurrency} at once -> {plan.sweep_dir}")
+            get_cache(plan.name, plan.sweep_dir / "step0")
+            todo = [c for c in plan.cells if c.name not in state["cells_done"]]
+            for cell in plan.cells:
+                if cell.name in state["cells_done"]:
+                    log(f"{cell.name}: already complete, skipped")
+            progress = SweepProgress(cells=[c.name for c in todo], trials_per_cell=spec.trials,
+                                     last_step={c.name: plan.last_step(c) for c in todo}, metric=plan.metric,
+                                     dashboard_url=url, log_path=str(log_path) if calm else None)
+            if calm:
+                _VIEWS[plan.name] = LiveView(progress)
+            with (_VIEWS[plan.name] if calm else contextlib.nullcontext()):
+                for cell in todo:
+                    with (prints_to_file(log_path) if calm else contextlib.nullcontext()):
+                        run_cell(plan, cell, concurrency)
+                    for trial_id in started_trials(plan.sweep_dir, cell.name):  # catch anything a callback missed
+                        merge_trial(plan.sweep_dir, trial_id, ended="complete")
+                    state["cells_done"].append(cell.name)
+                    write_json(plan.sweep_dir / "sweep.json", state)
+            stats = kill_cache(plan.name) or {}
+        finally:
+            _VIEWS.pop(plan.name, None)
+            kill_cache(plan.name)
+            if own_ray:
+                if calm:
+                    append_worker_logs(log_path, _ray_logs_dir())
+                ray.shutdown()
     state.update(status="complete", step0=_step0_summary(plan, stats), wall_s=time.perf_counter() - started)
     write_json(plan.sweep_dir / "sweep.json", state)
     _closing_note(plan, state)

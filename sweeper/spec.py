@@ -108,7 +108,8 @@ class SweepSpec:
         grid_seeds: seeds as a grid axis (``(None,)`` = one cell per scenario × mode).
         space: a custom search space (name -> primitive) instead of ``search_spaces/<method>.py``.
         points: extra points evaluated after the preset (custom spaces: the only points).
-        verbose: Tune's console verbosity (0 silent, 1 status table).
+        verbose: 0 = the calm live table, Ray/Tune/worker output in ``<sweep>/sweep.log``;
+            1+ = Ray's own console output (Tune's verbosity: 1 status table, 2-3 more).
         dashboard: start the Ray dashboard when Ray is started locally.
     """
 
@@ -138,7 +139,7 @@ class SweepSpec:
     grid_seeds: tuple[int | None, ...] = (None,)
     space: tuple[tuple[str, Param], ...] | None = None
     points: tuple[tuple[tuple[str, Any], ...], ...] = ()
-    verbose: int = 1
+    verbose: int = 0
     dashboard: bool = True
 
     def __post_init__(self) -> None:

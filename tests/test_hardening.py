@@ -598,12 +598,13 @@ def _kill_tree(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
-def _sweep_cmd(storage: Path, data: Path, *extra: str) -> list[str]:
+def _sweep_cmd(storage: Path, *extra: str) -> list[str]:
+    """A 1-trial, 3-step sweep on the default synthetic dataset (no --data-root: see the test)."""
     exe = Path(sys.executable).with_name("csseg")
     base = [str(exe)] if exe.exists() else [sys.executable, str(ROOT / "cli.py")]
     sets = ["epochs=1", "epochs_incremental=20", "crop_size=48", "head_channels=32", "num_samples=0", "batch_size=8"]
     return base + ["sweep", "voc-10-5-5", "--method", "lwf", "--trials", "1", "--concurrency", "1", "--storage",
-                   str(storage), "--name", "killed", "--data-root", str(data), "--max-failures", "0", "--seed", "0",
+                   str(storage), "--name", "killed", "--max-failures", "0", "--seed", "0",
                    "--no-dashboard", *[x for kv in sets for x in ("--set", kv)], *extra]
 
 
@@ -611,12 +612,20 @@ def _sweep_cmd(storage: Path, data: Path, *extra: str) -> list[str]:
 @needs("sweep")
 def test_sweep_killed_mid_step_resumes_from_its_step_checkpoint(tmp_path, voc_template):
     """`csseg sweep` SIGKILLed (with its Ray processes) during step 2 of a 3-step trial, then rerun with
-    --resume: the trial goes on from its step-1 checkpoint and every table holds it exactly once."""
+    --resume: the trial goes on from its step-1 checkpoint and every table holds it exactly once.
+
+    The resumed run is also the check of the calm console (issue 12): without a terminal it prints
+    plain progress lines (at most 40 lines from start to leaderboard), the synthetic-data note once,
+    and Ray's/Tune's/the workers' output lands in ``<sweep>/sweep.log``. No --data-root: the tiny
+    template stands in for the default synthetic dataset of the private CSSEG_HOME."""
+    from csseg_core.data import synth
+
     _psutil()
     storage, home = tmp_path / "sweeps", tmp_path / "home"
+    shutil.copytree(voc_template, home / "synthetic" / synth.default_target("voc").name)
     env = {**os.environ, "CSSEG_HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0"}
     log = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen(_sweep_cmd(storage, voc_template), stdout=log, stderr=subprocess.STDOUT, env=env,
+    proc = subprocess.Popen(_sweep_cmd(storage), stdout=log, stderr=subprocess.STDOUT, env=env,
                             cwd=str(tmp_path), start_new_session=True)
     sweep = storage / "killed"
     deadline = time.monotonic() + 300  # Ray start-up alone can take 2 min on a loaded 2-core box
@@ -640,9 +649,24 @@ def test_sweep_killed_mid_step_resumes_from_its_step_checkpoint(tmp_path, voc_te
     before = {p.name: p.read_text() for p in step1.parent.glob("step-*.json")}
     assert "step-001.json" in before and "step-002.json" not in before, sorted(before)
 
-    done = subprocess.run(_sweep_cmd(storage, voc_template, "--resume"), capture_output=True, text=True, env=env,
+    logged = (sweep / "sweep.log").stat().st_size if (sweep / "sweep.log").exists() else 0
+    done = subprocess.run(_sweep_cmd(storage, "--resume"), capture_output=True, text=True, env=env,
                           cwd=str(tmp_path), timeout=240, start_new_session=True)
+    (tmp_path / "second.log").write_text(done.stdout + done.stderr)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    # the calm console: plain lines (no terminal), one note, Ray's and Tune's output in sweep.log
+    printed = (done.stdout + done.stderr).splitlines()
+    assert len(printed) <= 40, "\n".join(printed)
+    assert sum("no --data-root given" in line for line in printed) == 1, "\n".join(printed)
+    assert f"{trial_id} ok at step 2/2" in done.stdout, done.stdout
+    assert not any(s in done.stdout + done.stderr for s in ("Trial status", "Configuration for experiment",
+                                                            "Checkpoint successfully created", " pid=")), printed
+    ray_log = (sweep / "sweep.log").read_bytes()[logged:].decode("utf-8", "replace")
+    assert f"Ray/Tune output: {sweep / 'sweep.log'}" in done.stdout
+    assert "Started a local Ray instance" in ray_log  # Ray's logger
+    assert "Wrote the latest version of all result files" in ray_log  # Tune's logger
+    assert "===== " in ray_log and "worker-" in ray_log  # the workers' output, appended at the end
+    assert "no --data-root given" not in ray_log  # workers do not repeat the note
     steps = pq.read_table(sweep / "steps.parquet").to_pylist()
     trials = pq.read_table(sweep / "trials.parquet").to_pylist()
     assert [t["trial_id"] for t in trials] == [trial_id], trials

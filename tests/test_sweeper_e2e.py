@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -111,7 +112,7 @@ def test_same_name_resumes_without_rerunning(lwf_sweep, tiny_voc):
         run_sweep(_spec(storage, tiny_voc, name="never-ran", resume=True))
 
 
-def test_failing_trial_is_recorded_and_two_workers_match_one(lwf_sweep, tiny_voc, tmp_path):
+def test_failing_trial_is_recorded_and_two_workers_match_one(lwf_sweep, tiny_voc, tmp_path, capsys):
     sweep_dir1, _, _ = lwf_sweep
     spec = _spec(tmp_path, tiny_voc, name="faults", scenarios=("voc-19-1",), workers_per_trial=2, concurrency=None,
                  max_failures=1, space={"kd": LogUniform(1, 100), "fault_nan_step": Choice([-1, 1])},
@@ -121,6 +122,11 @@ def test_failing_trial_is_recorded_and_two_workers_match_one(lwf_sweep, tiny_voc
     assert sorted(t["status"] for t in trials.values()) == ["error", "ok"]
     bad = next(t for t in trials.values() if t["status"] == "error")
     assert "TrainingError" in bad["error"] and "nan" in bad["error"].lower()
+    # the calm console (stdout is no terminal here): one plain line for the failure, with its log
+    shown = [ln for ln in capsys.readouterr().out.splitlines() if f"{bad['trial_id']} error" in ln]
+    assert len(shown) == 1 and "TrainingError" in shown[0], shown
+    assert Path(shown[0].rsplit("(log: ", 1)[1].rstrip(")")).is_file(), shown
+    assert "ERROR ray.tune" in (sweep_dir / "sweep.log").read_text()  # Tune's "Trials did not complete"
     steps = pq.read_table(sweep_dir / "steps.parquet").to_pylist()
     bad_steps = sorted((r["step"], r["status"]) for r in steps if r["trial_id"] == bad["trial_id"])
     assert bad_steps == [(0, "ok"), (1, "error")]

@@ -298,3 +298,68 @@ def test_load_best_filters_by_scenario_and_mode(fake_sweep, tmp_path):
     assert len(load_best(out, mode="disjoint")) == 2
     with pytest.raises(ConfigError, match="no configuration"):
         load_best(out, scenario="voc-15-1")
+
+
+# ---------------------------------------------------------------------------- live view
+def _render(renderable, width: int = 100) -> str:
+    from rich.console import Console
+
+    console = Console(width=width, record=True, file=open(os.devnull, "w"), color_system=None)
+    console.print(renderable)
+    return console.export_text()
+
+
+def test_live_table_from_fake_trial_events():
+    """Tune's events (start / result / complete / error) -> the table, the headline's progress and ETA."""
+    from sweeper.live import SweepProgress, build_table, plain_line
+
+    cells = ["voc-15-1-disjoint", "voc-15-5-disjoint"]
+    p = SweepProgress(cells=cells, trials_per_cell=3, last_step={cells[0]: 5, cells[1]: 1},
+                      dashboard_url="http://127.0.0.1:8265", log_path="sweeps/sdr-x/sweep.log", started=1000.0)
+    assert p.eta_s(1000.0) is None and "ETA ?" in _render(build_table(p, now=1000.0))
+    p.start(cells[0], "t_ok", 1000.0)
+    p.start(cells[0], "t_run", 1000.0)
+    for step in range(1, 6):
+        p.result(cells[0], "t_ok", {"step": step, "val_miou_all": 0.4 + step / 100, "miou_all": 0.3}, 1000.0 + 20 * step)
+    p.end(cells[0], "t_ok", 1101.0)
+    p.result(cells[0], "t_run", {"step": 2, "val_miou_all": 0.355, "miou_all": 0.331}, 1100.0)
+    err = p.start(cells[0], "t_err", 1150.0)
+    p.end(cells[0], "t_err", 1170.0, error="FloatingPointError: loss is NaN",
+          error_path="sweeps/sdr-x/tune/voc-15-1-disjoint/t_err/error.txt")
+    assert [t.state for t in p.trials.values()] == ["ok", "running", "error"] and err.step is None
+    assert (p.total, p.done) == (6, 2)
+    # steps done: 5 (ok) + 2 (running) + 5 (an error counts in full) of 3*5 + 3*1 = 18 -> 200 s for 2/3: 100 s left
+    assert p.fraction() == pytest.approx(12 / 18) and p.eta_s(1200.0) == pytest.approx(100.0)
+    text = _render(build_table(p, now=1200.0, width=120), width=120)
+    lines = text.splitlines()
+    assert lines[0] == "trials 2/6 done · 1 error · elapsed 3m20s · ETA 1m40s · dashboard http://127.0.0.1:8265"
+    row = {ln.split()[1] if ln.split()[0].startswith("voc") else ln.split()[0]: ln for ln in lines if "t_" in ln}
+    assert "ok" in row["t_ok"] and "5/5" in row["t_ok"] and "45.0" in row["t_ok"] and "30.0" in row["t_ok"]
+    assert "running" in row["t_run"] and "2/5" in row["t_run"] and "35.5" in row["t_run"] and "3m20s" in row["t_run"]
+    assert "error" in row["t_err"] and "-/5" in row["t_err"] and "20s" in row["t_err"]
+    error_lines = [ln for ln in lines if ln.startswith("error t_err")]
+    assert len(error_lines) == 1 and "loss is NaN" in error_lines[0] and "error.txt" in error_lines[0]
+    narrow = [ln for ln in _render(build_table(p, now=1200.0, width=90), width=90).splitlines() if "t_err:" in ln]
+    assert len(narrow) == 1 and "…" in narrow[0] and narrow[0].endswith("(log: sweeps/sdr-x/tune/voc-15-1-disjoint/t_err/error.txt)")
+    assert any("voc-15-5-disjoint" in ln and "pending" in ln and "3 trials" in ln for ln in lines)
+    assert lines[-1] == "Ray/Tune log: sweeps/sdr-x/sweep.log"
+    assert len(lines) <= 12
+    # plain mode: one line per ended trial, with the error's log
+    line = plain_line(p, p.trials["t_err"], 1200.0)
+    assert line.startswith("[2/6 trials, ETA 1m40s]") and "t_err error" in line and "error.txt" in line and "\n" not in line
+
+
+def test_live_eta_and_row_cap():
+    from sweeper.live import SweepProgress, build_table
+
+    p = SweepProgress(cells=["c"], trials_per_cell=4, last_step={"c": 2}, started=0.0)
+    for i in range(4):
+        p.start("c", f"t{i}", 0.0)
+    p.result("c", "t0", {"step": 2}, 50.0)
+    p.end("c", "t0", 50.0)
+    p.result("c", "t1", {"step": 1}, 100.0)
+    p.end("c", "t1", 100.0)  # stopped early (ASHA): counts as done, state "stopped"
+    assert p.trials["t1"].state == "stopped" and p.done == 2
+    assert p.fraction() == pytest.approx(4 / 8) and p.eta_s(100.0) == pytest.approx(100.0)
+    text = _render(build_table(p, now=100.0, max_rows=2))
+    assert "t2" in text and "t3" in text and "t0" not in text and "2 finished trial(s) not shown" in text

@@ -292,6 +292,12 @@ def default_params(dataset: str = "voc") -> dict:
     return {"dataset": dataset, **DEFAULTS[dataset], "seed": 0, "version": GENERATOR_VERSION}
 
 
+def default_target(dataset: str = "voc") -> Path:
+    """Where :func:`default_data_root` keeps the default synthetic dataset (made or not)."""
+    digest = hashlib.sha1(json.dumps(default_params(dataset), sort_keys=True).encode()).hexdigest()[:10]
+    return csseg_home() / "synthetic" / f"{dataset}-{digest}"
+
+
 def default_data_root(dataset: str = "voc") -> Path:
     """The default synthetic dataset, generated once into ``$CSSEG_HOME/synthetic``.
 
@@ -305,9 +311,8 @@ def default_data_root(dataset: str = "voc") -> Path:
         The data root.
     """
     params = default_params(dataset)
-    digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
-    parent = csseg_home() / "synthetic"
-    target = parent / f"{dataset}-{digest}"
+    target = default_target(dataset)
+    parent = target.parent
     if not target.is_dir():
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{target.name}-tmp-"))
@@ -325,7 +330,8 @@ def default_data_root(dataset: str = "voc") -> Path:
                 shutil.rmtree(tmp, ignore_errors=True)
     if dataset == "voc":
         _mark_synthetic(target / "VOCdevkit" / "VOC2012")  # sets cached by older versions
-    if target not in _ANNOUNCED:  # one line per process, not one per step
+    # one line per process, not one per step; none in a sweep's Ray workers (the sweep prints it once)
+    if target not in _ANNOUNCED and os.environ.get("CSSEG_SYNTHETIC_NOTE", "1") != "0":
         _ANNOUNCED.add(target)
         print(
             f"csseg: no --data-root given, using the synthetic {dataset.upper()} dataset at {target}",
