@@ -99,10 +99,6 @@ class ExperimentConfig:
     fix_bn: bool = False
     fix_bn_incremental: bool = False
     """Freeze BatchNorm (statistics and affine) at steps > 0 only."""
-    freeze_bn_stats_incremental: bool = False
-    """At steps > 0 keep BatchNorm's running statistics from the previous step (momentum 0):
-    batches are still normalised with their own statistics while training and the affine
-    parameters train, but evaluation uses the statistics of the data seen before."""
     num_workers: int = 0
     cache_images: bool = True
     """Keep decoded images in memory (small datasets only)."""
@@ -167,8 +163,7 @@ class ExperimentConfig:
             for k in ("method", "params", "epochs_incremental", "lr_incremental", "fault_nan_step", "iters_incremental",
                       "lr_new_cls", "fix_bn_incremental"):
                 d.pop(k)
-            d.pop("attraction_reduce", None)  # steps > 0 only (popped above when default)
-            d.pop("freeze_bn_stats_incremental", None)
+            d.pop("attraction_reduce", None)  # a loss of steps > 0 (popped above when default)
             d["classes"] = [list(scenario.steps[0]), sorted(scenario.order)]
         else:
             d["classes"] = [list(s) for s in scenario.steps[: step + 1]]
@@ -183,8 +178,7 @@ class ExperimentConfig:
 
 _FIELDS = {f.name: f for f in dataclasses.fields(ExperimentConfig) if f.name not in ("scenario", "method", "params")}
 _HASHED_IF_SET = {k: _FIELDS[k].default for k in ("bn_momentum", "backbone_dilation", "head_act", "pool_window",
-                                                   "sdr_feature_gather", "attraction_reduce", "sync_prototypes", "amp",
-                                                   "freeze_bn_stats_incremental")}
+                                                   "sdr_feature_gather", "attraction_reduce", "sync_prototypes", "amp")}
 # The reference network (SDR ``make_model_v2``: ``net/resnet_atrous.py`` + ``modules/deeplab.py``).
 REFERENCE_MODEL = dict(bn_momentum=0.0003, backbone_dilation="reference", head_act="none", pool_window=32)
 

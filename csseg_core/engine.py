@@ -199,8 +199,6 @@ def run_step(cfg: ExperimentConfig, step: int, prev_state: dict | None = None, *
     fix_bn = cfg.fix_bn or (step > 0 and cfg.fix_bn_incremental)
     if fix_bn:
         model.fix_bn()
-    elif step > 0 and cfg.freeze_bn_stats_incremental:
-        model.freeze_bn_stats()
     n_old = sum(classes[:-1]) if step > 0 else 0
     ctx = StepContext(step=step, mode=cfg.mode, n_old=n_old, num_classes=sum(classes), model=model, old_model=old_model,
                       prev_statistics=prev_stats, old_params=old_params, feature_gather=cfg.sdr_feature_gather,

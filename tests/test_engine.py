@@ -352,23 +352,6 @@ def test_iteration_budget_and_new_classifier_multiplier(make_cfg, step0_runs):
     assert metrics["iterations"] == 3
 
 
-@pytest.mark.parametrize("switch", ["freeze_bn_stats_incremental", "fix_bn_incremental"])
-def test_bn_switches_keep_the_running_statistics_of_step0(make_cfg, step0_runs, switch):
-    """Both switches keep step 0's BatchNorm statistics at step 1; the default lets them drift.
-    Only fix_bn_incremental also freezes the affine parameters."""
-    state0, _ = step0_runs["a"]
-    stats = [k for k in state0["model"] if k.endswith(("running_mean", "running_var"))]
-    affine = [k[: -len("running_mean")] + "weight" for k in stats if k.endswith("running_mean")]
-    assert stats and affine
-    drift, _ = run_step(make_cfg("ft", iters_incremental=3), 1, state0)
-    kept, _ = run_step(make_cfg("ft", iters_incremental=3, **{switch: True}), 1, state0)
-    assert not all(torch.equal(drift["model"][k], state0["model"][k]) for k in stats)
-    assert all(torch.equal(kept["model"][k], state0["model"][k]) for k in stats)
-    frozen_affine = all(torch.equal(kept["model"][k], state0["model"][k]) for k in affine)
-    assert frozen_affine == (switch == "fix_bn_incremental")
-    assert make_cfg(**{switch: True}).step_key(0) == make_cfg().step_key(0)
-
-
 # ----------------------------------------------------------------------------- statistics a step 0 holds
 def test_shared_step0_is_trained_again_with_the_union_when_it_lacks_a_statistic(make_cfg, tmp_path):
     """SDR's step 0 holds the prototypes only; EWC then needs the Fisher: step 0 is trained again

@@ -164,13 +164,6 @@ class IncrementalSegmenter(nn.Module):
                 for p in module.parameters():
                     p.requires_grad_(False)
 
-    def freeze_bn_stats(self) -> None:
-        """Keep every BatchNorm's running statistics (momentum 0); training still normalises
-        with batch statistics and the affine parameters keep training."""
-        for module in self.modules():
-            if isinstance(module, _BN_TYPES):
-                module.momentum = 0.0
-
     def train(self, mode: bool = True) -> IncrementalSegmenter:
         """Set train/eval mode; frozen BatchNorm layers stay in eval mode."""
         super().train(mode)
