@@ -352,6 +352,22 @@ def test_iteration_budget_and_new_classifier_multiplier(make_cfg, step0_runs):
     assert metrics["iterations"] == 3
 
 
+def test_fix_bn_incremental_keeps_step0_batchnorm_at_step1(make_cfg, step0_runs):
+    """fix_bn_incremental (the smoke default) keeps step 0's BatchNorm statistics and affine
+    parameters at step 1; without it the statistics drift to the new step's images."""
+    state0, _ = step0_runs["a"]
+    stats = [k for k in state0["model"] if k.endswith(("running_mean", "running_var"))]
+    affine = [k[: -len("running_mean")] + s for k in stats if k.endswith("running_mean") for s in ("weight", "bias")]
+    assert stats and affine
+    drift, _ = run_step(make_cfg("ft", iters_incremental=3, fix_bn_incremental=False), 1, state0)
+    kept, _ = run_step(make_cfg("ft", iters_incremental=3, fix_bn_incremental=True), 1, state0)
+    assert not all(torch.equal(drift["model"][k], state0["model"][k]) for k in stats)
+    assert all(torch.equal(kept["model"][k], state0["model"][k]) for k in stats + affine)
+    convs = [k for k, v in state0["model"].items() if v.dim() == 4]
+    assert convs and not all(torch.equal(kept["model"][k], state0["model"][k]) for k in convs)  # the body trains
+    assert make_cfg(fix_bn_incremental=True).step_key(0) == make_cfg(fix_bn_incremental=False).step_key(0)
+
+
 # ----------------------------------------------------------------------------- statistics a step 0 holds
 def test_shared_step0_is_trained_again_with_the_union_when_it_lacks_a_statistic(make_cfg, tmp_path):
     """SDR's step 0 holds the prototypes only; EWC then needs the Fisher: step 0 is trained again
