@@ -114,7 +114,7 @@ def reevaluate(sweep_dir: str | os.PathLike, *, top: int, seeds: int, metric: st
 
     from .runner import init_ray, run_sweep
 
-    own_ray = init_ray(next(iter(specs.values())))
+    own_ray, _ = init_ray(next(iter(specs.values())))
     try:
         out = []
         for cell, spec in specs.items():

@@ -85,7 +85,8 @@ def test_local_ray_binds_the_dashboard_to_localhost(fake_ray, capsys):
     runner, calls = fake_ray
     from sweeper import SweepSpec
 
-    assert runner.init_ray(SweepSpec(scenarios=("voc-15-1",))) is True
+    started, url = runner.init_ray(SweepSpec(scenarios=("voc-15-1",)))
+    assert started is True and url is not None and url.startswith("http://127.0.0.1")
     assert len(calls) == 1
     kw = calls[0]
     assert kw.get("dashboard_host") == "127.0.0.1", kw

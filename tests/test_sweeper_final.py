@@ -13,7 +13,7 @@ import csseg_core.runner
 from sweeper import run_final
 
 
-def _fake_run_step(cfg, step, prev_state=None, *, log_dir=None, progress=False):
+def _fake_run_step(cfg, step, prev_state=None, *, collect=(), log_dir=None, progress=False):
     assert (prev_state is None) == (step == 0) and log_dir
     value = 0.5 + 0.1 * cfg.seed - 0.05 * step
     metrics = {"step": step, "miou_all": value, "miou_old": value + 0.1, "miou_new": value - 0.1 if step else float("nan"),
