@@ -221,6 +221,10 @@ def run_step(cfg: ExperimentConfig, step: int, prev_state: dict | None = None, *
         groups.append({"name": "new_cls", "params": [p for p in model.cls[-1].parameters() if p.requires_grad],
                        "weight_decay": cfg.weight_decay, "lr_mult": cfg.lr_new_cls})
     optimizer = _sgd(groups, base_lr, cfg.momentum, device)
+    clipped = []
+    if step > 0 and cfg.grad_clip_incremental > 0:
+        new_cls = {id(p) for p in model.cls[-1].parameters()}
+        clipped = [p for p in model.parameters() if p.requires_grad and id(p) not in new_cls]
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     net = model
     if world > 1:
@@ -297,6 +301,8 @@ def run_step(cfg: ExperimentConfig, step: int, prev_state: dict | None = None, *
                     raise TrainingError(
                         f"step {step}, iteration {it}: loss term {bad[0]!r} became {values[bad[0]]}; lower its weight "
                         f"or the learning rate (lr={lr:.3g}); nothing of this step was saved")
+                if clipped:  # the old network's parameters (the new classifier's gradients are left as they are)
+                    torch.nn.utils.clip_grad_norm_(clipped, cfg.grad_clip_incremental, foreach=True)
                 scaler.step(optimizer)
                 scaler.update()
                 for k, v in values.items():
