@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .atomic import atomic_path
 from .errors import ConfigError
 from .results import read_rows
 
@@ -227,9 +228,8 @@ def write_report(out_dir: str | os.PathLike, title: str, sections: Sequence[Sect
             plt.close(fig.mpl)  # optuna's matplotlib figures live in pyplot's registry; ours are free-standing
             pngs.append(png)
     page = out / "report.html"
-    tmp = out / ".report.html.tmp"
-    tmp.write_text(PAGE.format(title=html.escape(title), summary=summary_html, body="\n".join(parts)), encoding="utf-8")
-    os.replace(tmp, page)
+    with atomic_path(page) as tmp:
+        tmp.write_text(PAGE.format(title=html.escape(title), summary=summary_html, body="\n".join(parts)), encoding="utf-8")
     return {"html": page, "pngs": pngs, "figures": index}
 
 

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import yaml
 
+from csseg_core.atomic import atomic_path
 from csseg_core.errors import ConfigError, first_line
 from csseg_core.metrics import ALL_METRICS, split_metric
 
@@ -175,10 +176,8 @@ def export_best(sweep_dir: str | os.PathLike, metric: str | None, out_path: str 
     if not entries:
         raise ConfigError(f"no trial of {sweep_dir} finished every step; nothing to export")
     doc: Any = entries[0] if len(entries) == 1 else {"cells": entries}
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
-    os.replace(tmp, out_path)
+    with atomic_path(out_path) as tmp:
+        tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
     return out_path
 
 
