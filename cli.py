@@ -149,23 +149,19 @@ EXPORT_ONLY_KEYS = ("metrics", "metrics_std", "seeds", "reeval_sweep", "command"
 
 
 def load_config_file(path: Path, scenario: Optional[str], mode: Optional[str]) -> dict:
-    """Read a ``--config`` YAML (a run's config.yaml or export-best output), safely."""
-    import yaml
+    """Read a ``--config`` YAML (a run's config.yaml or export-best output), safely.
 
-    from csseg_core.errors import ConfigError, first_line
+    Of an export-best file with several cells, the one cell of ``scenario`` (any alias, as
+    :func:`sweeper.load_best`) and ``mode`` is used."""
+    from csseg_core.config import config_entries, read_config_file, select_entries
+    from csseg_core.errors import ConfigError
 
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML ({first_line(err)})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of keys")
+    data = read_config_file(path)
     if "cells" in data:
-        cells = [c for c in data["cells"] if (scenario is None or c.get("scenario") == scenario) and (mode is None or c.get("mode") == mode)]
+        entries = config_entries(data, path)
+        cells = select_entries(entries, scenario, mode)
         if len(cells) != 1:
-            names = ", ".join(f"{c.get('scenario')}/{c.get('mode')}" for c in data["cells"])
+            names = ", ".join(f"{c.get('scenario')}/{c.get('mode')}" for c in entries)
             raise ConfigError(f"config file {path} holds several cells ({names}); pick one with SCENARIO and --mode")
         data = cells[0]
     out = {k: v for k, v in data.items() if k not in EXPORT_ONLY_KEYS}
