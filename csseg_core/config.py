@@ -20,10 +20,12 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import ConfigError
+from .errors import ConfigError, first_line
 from .losses import ATTRACTION_REDUCES, FEATURE_GATHERS
 from .methods import build_method, canonical_method, method_defaults
 from .scenarios import check_mode, get_scenario
@@ -324,6 +326,47 @@ def _validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"pool_window must be >= 0 (got {cfg.pool_window}; 0 = global mean); e.g. --set pool_window=32")
 
 
-def config_field_docs() -> dict[str, Any]:
-    """Engine keys accepted by ``--set`` with their smoke defaults."""
-    return {name: f.default for name, f in _FIELDS.items()}
+# ---------------------------------------------------------------------------- config files
+def read_config_file(path: str | os.PathLike, *, what: str = "config file", hint: str = "") -> dict:
+    """A YAML mapping read with ``yaml.safe_load`` (a file never executes code).
+
+    The file is a run's ``config.yaml`` or what ``csseg export-best`` wrote: one entry, or
+    ``{"cells": [entry, ...]}`` for several grid cells (see :func:`config_entries`).
+
+    Args:
+        path: the YAML file.
+        what: how error messages name the file.
+        hint: appended to the "does not exist" / "not valid YAML" messages.
+
+    Raises:
+        ConfigError: missing file, invalid YAML, or not a mapping.
+    """
+    import yaml
+
+    tail = f"; {hint}" if hint else ""
+    if not Path(path).is_file():
+        raise ConfigError(f"{what} {path} does not exist{tail}")
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{what} {path} is not valid YAML ({first_line(err)}){tail}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path} must hold a mapping of keys")
+    return data
+
+
+def config_entries(doc: Mapping[str, Any], path: str | os.PathLike = "the config file") -> list[dict]:
+    """The entries of a file read by :func:`read_config_file`: its ``cells``, or the file itself."""
+    entries = doc["cells"] if "cells" in doc else [doc]
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise ConfigError(f"{path}: 'cells' must be a list of mappings (one per grid cell)")
+    return entries
+
+
+def select_entries(entries: list[dict], scenario: str | None = None, mode: str | None = None) -> list[dict]:
+    """The entries of ``scenario`` (by any alias: ``voc-15-5s`` is ``voc-15-1``) and ``mode``
+    (an entry without a mode is ``disjoint``); ``None`` keeps every scenario / mode."""
+    want = get_scenario(scenario).name if scenario else None
+    return [e for e in entries
+            if (want is None or (e.get("scenario") is not None and get_scenario(e["scenario"]).name == want))
+            and (mode is None or e.get("mode", "disjoint") == mode)]

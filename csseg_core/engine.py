@@ -35,7 +35,7 @@ from .config import ExperimentConfig
 from .data import build_datasets, default_data_root
 from .errors import ConfigError, TrainingError
 from .methods import Batch, Output, StepContext, build_method, required_statistics
-from .metrics import ConfusionMatrix, step_metrics
+from .metrics import METRICS, STEP_KINDS, ConfusionMatrix, step_metrics
 from .models import build_model, load_previous
 from .scenarios import get_scenario
 from .statistics import build_collectors
@@ -326,7 +326,7 @@ def run_step(cfg: ExperimentConfig, step: int, prev_state: dict | None = None, *
             cm = evaluate(model, _loader(datasets[split], cfg, train=False, seed=0), num_classes, device, cfg.amp)
             m = step_metrics(cm, classes[0])
         else:  # val_fraction=0: no validation split
-            m = {k: float("nan") for k in ("miou_all", "miou_old", "miou_new")}
+            m = {f"miou_{k}": float("nan") for k in STEP_KINDS}
             m["class_iou"] = [float("nan")] * num_classes
         history = list(prev_state.get(f"{prefix}history", [])) if step > 0 else []
         history.append(float(m["miou_all"]))
@@ -334,7 +334,7 @@ def run_step(cfg: ExperimentConfig, step: int, prev_state: dict | None = None, *
         m["miou_avg"] = float(np.mean(finite)) if finite else float("nan")
         histories[f"{prefix}history"] = history
         if prefix:
-            m = {f"{prefix}{k}": m[k] for k in ("miou_all", "miou_old", "miou_new", "miou_avg", "class_iou")}
+            m = {f"{prefix}{k}": m[k] for k in (*METRICS, "class_iou")}
         metrics.update(m)
     metrics.update(
         step=step,
