@@ -38,7 +38,7 @@ from search_spaces import GridCell, to_optuna
 from .cache import get_cache, kill_cache
 from .live import LiveView, SweepProgress, append_worker_logs, prints_to_file, ray_output_to_file
 from .spec import TEST_PROTOCOL_NOTE, Plan, SweepSpec, plan_sweep, spec_to_dict
-from .tables import TRIALS, merge_trial, read_json, read_table, started_trials, write_json
+from .tables import TRIALS, merge_trial, read_json, read_table, record_end, started_trials, write_json
 from .trial import trial_driver
 
 DRIVER_RESOURCES = {"CPU": 0, "memory": 1 << 20}
@@ -49,7 +49,12 @@ def log(message: str) -> None:
 
 
 class TablesCallback(tune.Callback):
-    """Merges each finished trial's fragments into the Parquet tables (driver process only)."""
+    """Records how Tune ended each trial, then merges its fragments into the Parquet tables (driver process only).
+
+    Tune calls ``on_trial_complete`` for a trial the scheduler stops *before* it stops the trial's
+    actor, so the record (``tune.json``, see ``tables.py``) exists before the driver can see its
+    Train controller die: the trial is ``stopped``, not an error.
+    """
 
     def __init__(self, sweep_dir: str) -> None:
         self.sweep_dir = sweep_dir
@@ -59,7 +64,12 @@ class TablesCallback(tune.Callback):
             error = None
             if ended == "error" and getattr(trial, "error_file", None) and Path(trial.error_file).exists():
                 error = Path(trial.error_file).read_text().strip().splitlines()[-1][:500]
-            merge_trial(self.sweep_dir, trial.trial_id, ended=ended, error=error)
+            last = getattr(trial, "last_result", None) or {}
+            step, wall = last.get("step"), last.get("time_total_s")
+            record_end(self.sweep_dir, trial.trial_id, ended, error=error,
+                       reported_step=int(step) if step is not None else None,
+                       wall_s=float(wall) if wall is not None else None)
+            merge_trial(self.sweep_dir, trial.trial_id)
         except Exception as err:  # noqa: BLE001 - a table problem must never stop the sweep
             log(f"could not record trial {trial.trial_id}: {type(err).__name__}: {err} (merged again at the cell's end)")
 
@@ -346,8 +356,8 @@ def run_sweep(spec: SweepSpec) -> Path:
                 for cell in todo:
                     with (prints_to_file(log_path) if calm else contextlib.nullcontext()):
                         run_cell(plan, cell, concurrency)
-                    for trial_id in started_trials(plan.sweep_dir, cell.name):  # catch anything a callback missed
-                        merge_trial(plan.sweep_dir, trial_id, ended="complete")
+                    for trial_id in started_trials(plan.sweep_dir, cell.name):  # catch anything a callback missed,
+                        merge_trial(plan.sweep_dir, trial_id)  # and the steps a stopped trial finished meanwhile
                     state["cells_done"].append(cell.name)
                     write_json(plan.sweep_dir / "sweep.json", state)
             stats = kill_cache(plan.name) or {}

@@ -363,3 +363,32 @@ def test_live_eta_and_row_cap():
     assert p.fraction() == pytest.approx(4 / 8) and p.eta_s(100.0) == pytest.approx(100.0)
     text = _render(build_table(p, now=100.0, max_rows=2))
     assert "t2" in text and "t3" in text and "t0" not in text and "2 finished trial(s) not shown" in text
+
+
+def test_a_trial_tune_stopped_is_stopped_even_if_its_driver_saw_the_kill(tmp_path):
+    """ASHA stops a trial after step 1; its driver then sees the Train controller die (ActorDiedError) and the
+    worker's step 2 fails under the kill: Tune's recorded end decides (stopped, steps 0-1 kept), not the driver."""
+    from sweeper.tables import record_end, tune_end
+
+    d = tmp_path / "asha"
+    for t in ("stopped", "unknown", "finished"):
+        _fake_trial(d, "voc-10-5-5", t, 5.0, (0.3, 0.3, 0.3), fail_at=2 if t != "finished" else None)
+    for t in ("stopped", "unknown"):
+        write_json(rows_dir(d, t) / "trial.json", {"status": "error", "error": "ActorDiedError: The actor died unexpectedly"})
+    record_end(d, "stopped", "complete", reported_step=1)
+    record_end(d, "finished", "complete", reported_step=2, wall_s=7.5)
+    (rows_dir(d, "finished") / "trial.json").unlink()  # ASHA stops at max_t too: killed in fit()'s teardown
+    assert tune_end(d, "stopped") == {"ended": "complete", "error": None, "reported_step": 1, "wall_s": None}
+    assert tune_end(d, "unknown") is None
+    rows = {t: merge_trial(d, t) for t in ("stopped", "unknown", "finished")}
+    assert (rows["stopped"]["status"], rows["stopped"]["error"], rows["stopped"]["steps_done"]) == ("stopped", None, 2)
+    assert rows["stopped"]["final_step"] == 1
+    assert rows["unknown"]["status"] == "error" and "ActorDiedError" in rows["unknown"]["error"]  # no word from Tune
+    assert rows["finished"]["status"] == "ok" and rows["finished"]["steps_done"] == 3
+    assert rows["finished"]["error"] is None and rows["finished"]["wall_s"] == 7.5
+    steps = sorted((r["step"], r["status"]) for r in read_table(d, STEPS) if r["trial_id"] == "stopped")
+    assert steps == [(0, "ok"), (1, "ok")]  # the step that failed under the kill is not a finished step
+    record_end(d, "unknown", "error", error="TrialError: boom")
+    assert merge_trial(d, "unknown")["status"] == "error"
+    with pytest.raises(ValueError):
+        record_end(d, "x", "stopped")
