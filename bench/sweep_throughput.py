@@ -26,6 +26,7 @@ fewer steps).
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -77,6 +78,7 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
     cfg, overrides = C.bench_config(a, {}, quick={"iters": 40, "iters_incremental": 8, "crop_size": 48,
                                                   "head_channels": 32, "num_samples": 0})
+    cfg = dataclasses.replace(cfg, seed=a.seed)  # the sweep's seed: its step-0 key (--seed-step0)
     variants = []
     for v in a.variants.split(","):
         scheduler, _, conc = v.strip().partition(":")
