@@ -143,6 +143,43 @@ def train_env(local: bool = True) -> dict[str, str]:
     return {k: os.environ.get(k, v) for k, v in wanted.items()}
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def pinned_gcs_port(env: dict):
+    """Start the local Ray on a chosen GCS port and tell its workers that address (``RAY_ADDRESS``).
+
+    Ray's own helper actors find their cluster through ``RAY_ADDRESS`` or by looking for Ray
+    instances on the machine. Ray Train's ``PlacementGroupCleaner`` (one per trial) does, through
+    the State API, to see whether the trial's Train controller still lives and then frees its
+    placement group. When Tune stops a trial (ASHA) it kills the trial actor and with it the
+    controller, so the cleaner must free the worker's CPU; with another Ray instance on the
+    machine (a shared box) it fails ("Found multiple active Ray instances"), the CPU is never
+    freed, and the next trial's worker group waits for it forever. ``env`` is the job's
+    runtime env (changed in place); a ``RAY_GCS_SERVER_PORT`` the user set wins.
+    """
+    if os.environ.get("RAY_ADDRESS"):  # ray.init joins that cluster: nothing to pin
+        yield
+        return
+    port = os.environ.get("RAY_GCS_SERVER_PORT") or str(_free_port())
+    env.setdefault("env_vars", {})["RAY_ADDRESS"] = f"{ray.util.get_node_ip_address()}:{port}"
+    saved = os.environ.get("RAY_GCS_SERVER_PORT")
+    os.environ["RAY_GCS_SERVER_PORT"] = port
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("RAY_GCS_SERVER_PORT", None)
+        else:
+            os.environ["RAY_GCS_SERVER_PORT"] = saved
+
+
 def init_ray(spec: SweepSpec) -> tuple[bool, str | None]:
     """Start (or join) Ray; returns (True if this call connected and must shut it down, dashboard URL).
 
@@ -160,10 +197,16 @@ def init_ray(spec: SweepSpec) -> tuple[bool, str | None]:
         ctx = ray.init(address=spec.address, runtime_env=env, **quiet)
     else:
         try:
-            ctx = ray.init(include_dashboard=spec.dashboard, dashboard_host="127.0.0.1", runtime_env=env, **quiet)
+            with pinned_gcs_port(env):
+                ctx = ray.init(include_dashboard=spec.dashboard, dashboard_host="127.0.0.1", runtime_env=env, **quiet)
         except Exception as err:  # noqa: BLE001 - minimal ray: go on without the dashboard
             log(f"Ray dashboard unavailable ({err}); starting without it")
-            ctx = ray.init(include_dashboard=False, runtime_env=env, **quiet)
+            with pinned_gcs_port(env):
+                ctx = ray.init(include_dashboard=False, runtime_env=env, **quiet)
+        gcs = (getattr(ctx, "address_info", None) or {}).get("gcs_address")
+        if gcs and gcs != env["env_vars"].get("RAY_ADDRESS"):
+            log(f"Ray started at {gcs}, not at the pinned address: ASHA-stopped trials may keep their CPUs "
+                "when other Ray instances run on this machine")
     url = getattr(ctx, "dashboard_url", None)
     if url:
         log(f"Ray dashboard: http://{url}  (token: `ray get-auth-token`)")

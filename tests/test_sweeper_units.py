@@ -120,6 +120,37 @@ def test_train_env_speeds_up_trials_and_yields_to_the_user(monkeypatch):
     assert train_env() == {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "3", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1"}
 
 
+def test_a_local_ray_starts_on_the_address_its_workers_are_told(monkeypatch):
+    """Ray Train's PlacementGroupCleaner must find *this* cluster when other Ray instances run on the
+    machine (else an ASHA-stopped trial's CPU is never freed): the GCS port is pinned and passed on."""
+    import ray
+
+    from sweeper import runner
+
+    seen = []
+
+    def fake_init(**kwargs):
+        port = os.environ.get("RAY_GCS_SERVER_PORT")
+        seen.append((port, kwargs["runtime_env"]["env_vars"]["RAY_ADDRESS"]))
+        return type("Ctx", (), {"address_info": {"gcs_address": kwargs["runtime_env"]["env_vars"]["RAY_ADDRESS"]},
+                                "dashboard_url": None})()
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_GCS_SERVER_PORT", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", fake_init)
+    assert runner.init_ray(SweepSpec(scenarios="voc-15-1", dashboard=False)) == (True, None)
+    (port, address), = seen
+    assert port and address.endswith(f":{port}") and "RAY_GCS_SERVER_PORT" not in os.environ  # restored
+    monkeypatch.setenv("RAY_GCS_SERVER_PORT", "6390")  # the user's port wins
+    runner.init_ray(SweepSpec(scenarios="voc-15-1", dashboard=False))
+    assert seen[-1][0] == "6390" and seen[-1][1].endswith(":6390") and os.environ["RAY_GCS_SERVER_PORT"] == "6390"
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # ray.init joins that cluster: nothing pinned
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.append(kw["runtime_env"]["env_vars"].get("RAY_ADDRESS")) or None)
+    runner.init_ray(SweepSpec(scenarios="voc-15-1", dashboard=False))
+    assert seen[-1] is None
+
+
 # ---------------------------------------------------------------------------- fake sweep
 def _fake_trial(sweep_dir, cell_scenario, trial_id, kd, finals, *, fail_at=None, val=None):
     """``finals`` = test (all, old, new); ``val`` = validation (all, old, new), default = test."""
