@@ -120,7 +120,10 @@ def main(argv=None) -> dict:
     for k, v in ratios.items():
         print(f"ratio {k} = {C.fmt(v)}")
     C.dump_json(a.json, res)
-    if not (a.quick or a.no_append):
+    short = [k for k, r in runs.items() if r["trials"] < a.trials]
+    if short:  # an interrupted or stuck sweep: its figures mean nothing
+        print(f"[bench] no row appended: {', '.join(short)} recorded fewer than {a.trials} trials")
+    elif not (a.quick or a.no_append):
         figures = dict(ratios)
         for k, r in runs.items():
             figures.update({f"{k}.wall_s": r["wall_s"], f"{k}.trial_steps": r["trial_steps"],

@@ -382,6 +382,9 @@ def run_sweep(spec: SweepSpec) -> Path:
             own_ray, url = init_ray(spec)
             logs_dir = _ray_logs_dir()
             logging.getLogger("ray.csseg").info(f"sweep {plan.name}: Ray session logs (worker output) in {logs_dir}")
+            if own_ray and url is None and spec.scheduler == "asha":
+                log("note: ASHA without the Ray dashboard: Ray Train frees a stopped trial's CPUs through the "
+                    "dashboard's State API, so they may stay taken and later trials wait (drop --no-dashboard)")
             concurrency = size_concurrency(spec, ray.cluster_resources())
             log(f"sweep {plan.name}: {len(plan.cells)} cell(s) x {spec.trials} trial(s) of {plan.method}, "
                 f"{concurrency} at once -> {plan.sweep_dir}")
