@@ -340,14 +340,15 @@ def sweep(scenarios: str = typer.Argument(..., help="Scenario(s), comma separate
 
 def _print_leaderboard(sweep_dir: Path, metric: Optional[str], top: Optional[int], select_on: Optional[str] = None,
                        wide: bool = False, fmt: str = "table") -> None:
-    from sweeper import board, leaderboard, read_reeval
+    from sweeper import board, leaderboard, read_reeval, unranked_note
 
     rows = leaderboard(sweep_dir, metric, top=top, select_on=select_on)
     if fmt != "table":
         typer.echo(board.text(rows, fmt, wide=wide), nl=False)
         return
+    note = unranked_note(sweep_dir)
     if not rows:
-        typer.echo(f"{sweep_dir}: no trial has finished every step yet")
+        typer.echo(f"{sweep_dir}: no trial has finished every step yet" + (f" ({note})" if note else ""))
         return
     split_name = "validation" if rows[0]["select_on"] == "val" else "TEST (the literature's protocol)"
     title = f"{Path(sweep_dir).name} · {{cell}}: mIoU % at step {{step}}, ranked by {{metric}} on {split_name}"
@@ -358,6 +359,8 @@ def _print_leaderboard(sweep_dir: Path, metric: Optional[str], top: Optional[int
             out = Console(width=max(console.width, natural))
         out.print(table)
         _print_noise([r for r in rows if r["cell"] == cell], (read_reeval(sweep_dir) or {}), cell)
+    if note:
+        typer.echo(note)
 
 
 def _print_noise(cell_rows: list, reeval: dict, cell: str) -> None:

@@ -12,7 +12,7 @@ Public API (what ``cli.py`` calls)::
 Only this package imports Ray; ``csseg_core`` stays torch-only.
 """
 
-from .export import best_config, best_entries, export_best, leaderboard, load_best, pareto_front, run_final
+from .export import best_config, best_entries, export_best, leaderboard, load_best, pareto_front, run_final, unranked_note
 from .reeval import read_reeval, reevaluate
 from .spec import METRICS, PROTOCOLS, SCHEDULERS, Plan, SweepSpec, metric_name, plan_sweep
 
@@ -27,5 +27,5 @@ def __getattr__(name: str):
 
 __all__ = [
     "METRICS", "PROTOCOLS", "SCHEDULERS", "read_reeval", "reevaluate", "Plan", "SweepSpec", "best_config", "best_entries", "export_best", "leaderboard",
-    "load_best", "metric_name", "pareto_front", "plan_sweep", "run_final", "run_sweep", "size_concurrency",
+    "load_best", "metric_name", "pareto_front", "plan_sweep", "run_final", "run_sweep", "size_concurrency", "unranked_note",
 ]

@@ -100,6 +100,18 @@ def leaderboard(sweep_dir: str | os.PathLike, metric: str | None = None, *, top:
     return out
 
 
+def unranked_note(sweep_dir: str | os.PathLike) -> str | None:
+    """``not ranked: 2 stopped by the scheduler (ASHA), 1 error`` for the trials the leaderboard leaves out, or None."""
+    counts: dict[str, int] = {}
+    for r in read_table(Path(sweep_dir), TRIALS):
+        if r.get("status") != "ok":
+            counts[r.get("status") or "?"] = counts.get(r.get("status") or "?", 0) + 1
+    if not counts:
+        return None
+    names = {"stopped": "stopped by the scheduler (ASHA)"}
+    return "not ranked: " + ", ".join(f"{n} {names.get(s, s)}" for s, n in sorted(counts.items(), key=lambda x: x[0] != "stopped"))
+
+
 def _plain(v: Any) -> Any:
     """YAML-safe python scalars (numpy/pyarrow values become float/int/str)."""
     if isinstance(v, (bool, str)) or v is None:

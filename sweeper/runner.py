@@ -38,7 +38,7 @@ from search_spaces import GridCell, to_optuna
 from .cache import get_cache, kill_cache
 from .live import LiveView, SweepProgress, append_worker_logs, prints_to_file, ray_output_to_file
 from .spec import TEST_PROTOCOL_NOTE, Plan, SweepSpec, plan_sweep, spec_to_dict
-from .tables import TRIALS, merge_trial, read_json, read_table, started_trials, write_json
+from .tables import TRIALS, merge_trial, read_json, read_table, record_end, started_trials, write_json
 from .trial import trial_driver
 
 DRIVER_RESOURCES = {"CPU": 0, "memory": 1 << 20}
@@ -49,7 +49,12 @@ def log(message: str) -> None:
 
 
 class TablesCallback(tune.Callback):
-    """Merges each finished trial's fragments into the Parquet tables (driver process only)."""
+    """Records how Tune ended each trial, then merges its fragments into the Parquet tables (driver process only).
+
+    Tune calls ``on_trial_complete`` for a trial the scheduler stops *before* it stops the trial's
+    actor, so the record (``tune.json``, see ``tables.py``) exists before the driver can see its
+    Train controller die: the trial is ``stopped``, not an error.
+    """
 
     def __init__(self, sweep_dir: str) -> None:
         self.sweep_dir = sweep_dir
@@ -59,7 +64,12 @@ class TablesCallback(tune.Callback):
             error = None
             if ended == "error" and getattr(trial, "error_file", None) and Path(trial.error_file).exists():
                 error = Path(trial.error_file).read_text().strip().splitlines()[-1][:500]
-            merge_trial(self.sweep_dir, trial.trial_id, ended=ended, error=error)
+            last = getattr(trial, "last_result", None) or {}
+            step, wall = last.get("step"), last.get("time_total_s")
+            record_end(self.sweep_dir, trial.trial_id, ended, error=error,
+                       reported_step=int(step) if step is not None else None,
+                       wall_s=float(wall) if wall is not None else None)
+            merge_trial(self.sweep_dir, trial.trial_id)
         except Exception as err:  # noqa: BLE001 - a table problem must never stop the sweep
             log(f"could not record trial {trial.trial_id}: {type(err).__name__}: {err} (merged again at the cell's end)")
 
@@ -133,6 +143,43 @@ def train_env(local: bool = True) -> dict[str, str]:
     return {k: os.environ.get(k, v) for k, v in wanted.items()}
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def pinned_gcs_port(env: dict):
+    """Start the local Ray on a chosen GCS port and tell its workers that address (``RAY_ADDRESS``).
+
+    Ray's own helper actors find their cluster through ``RAY_ADDRESS`` or by looking for Ray
+    instances on the machine. Ray Train's ``PlacementGroupCleaner`` (one per trial) does, through
+    the State API, to see whether the trial's Train controller still lives and then frees its
+    placement group. When Tune stops a trial (ASHA) it kills the trial actor and with it the
+    controller, so the cleaner must free the worker's CPU; with another Ray instance on the
+    machine (a shared box) it fails ("Found multiple active Ray instances"), the CPU is never
+    freed, and the next trial's worker group waits for it forever. ``env`` is the job's
+    runtime env (changed in place); a ``RAY_GCS_SERVER_PORT`` the user set wins.
+    """
+    if os.environ.get("RAY_ADDRESS"):  # ray.init joins that cluster: nothing to pin
+        yield
+        return
+    port = os.environ.get("RAY_GCS_SERVER_PORT") or str(_free_port())
+    env.setdefault("env_vars", {})["RAY_ADDRESS"] = f"{ray.util.get_node_ip_address()}:{port}"
+    saved = os.environ.get("RAY_GCS_SERVER_PORT")
+    os.environ["RAY_GCS_SERVER_PORT"] = port
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("RAY_GCS_SERVER_PORT", None)
+        else:
+            os.environ["RAY_GCS_SERVER_PORT"] = saved
+
+
 def init_ray(spec: SweepSpec) -> tuple[bool, str | None]:
     """Start (or join) Ray; returns (True if this call connected and must shut it down, dashboard URL).
 
@@ -150,10 +197,16 @@ def init_ray(spec: SweepSpec) -> tuple[bool, str | None]:
         ctx = ray.init(address=spec.address, runtime_env=env, **quiet)
     else:
         try:
-            ctx = ray.init(include_dashboard=spec.dashboard, dashboard_host="127.0.0.1", runtime_env=env, **quiet)
+            with pinned_gcs_port(env):
+                ctx = ray.init(include_dashboard=spec.dashboard, dashboard_host="127.0.0.1", runtime_env=env, **quiet)
         except Exception as err:  # noqa: BLE001 - minimal ray: go on without the dashboard
             log(f"Ray dashboard unavailable ({err}); starting without it")
-            ctx = ray.init(include_dashboard=False, runtime_env=env, **quiet)
+            with pinned_gcs_port(env):
+                ctx = ray.init(include_dashboard=False, runtime_env=env, **quiet)
+        gcs = (getattr(ctx, "address_info", None) or {}).get("gcs_address")
+        if gcs and gcs != env["env_vars"].get("RAY_ADDRESS"):
+            log(f"Ray started at {gcs}, not at the pinned address: ASHA-stopped trials may keep their CPUs "
+                "when other Ray instances run on this machine")
     url = getattr(ctx, "dashboard_url", None)
     if url:
         log(f"Ray dashboard: http://{url}  (token: `ray get-auth-token`)")
@@ -329,6 +382,9 @@ def run_sweep(spec: SweepSpec) -> Path:
             own_ray, url = init_ray(spec)
             logs_dir = _ray_logs_dir()
             logging.getLogger("ray.csseg").info(f"sweep {plan.name}: Ray session logs (worker output) in {logs_dir}")
+            if own_ray and url is None and spec.scheduler == "asha":
+                log("note: ASHA without the Ray dashboard: Ray Train frees a stopped trial's CPUs through the "
+                    "dashboard's State API, so they may stay taken and later trials wait (drop --no-dashboard)")
             concurrency = size_concurrency(spec, ray.cluster_resources())
             log(f"sweep {plan.name}: {len(plan.cells)} cell(s) x {spec.trials} trial(s) of {plan.method}, "
                 f"{concurrency} at once -> {plan.sweep_dir}")
@@ -346,8 +402,8 @@ def run_sweep(spec: SweepSpec) -> Path:
                 for cell in todo:
                     with (prints_to_file(log_path) if calm else contextlib.nullcontext()):
                         run_cell(plan, cell, concurrency)
-                    for trial_id in started_trials(plan.sweep_dir, cell.name):  # catch anything a callback missed
-                        merge_trial(plan.sweep_dir, trial_id, ended="complete")
+                    for trial_id in started_trials(plan.sweep_dir, cell.name):  # catch anything a callback missed,
+                        merge_trial(plan.sweep_dir, trial_id)  # and the steps a stopped trial finished meanwhile
                     state["cells_done"].append(cell.name)
                     write_json(plan.sweep_dir / "sweep.json", state)
             stats = kill_cache(plan.name) or {}

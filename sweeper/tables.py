@@ -7,6 +7,15 @@ Tune callback (one process, one writer) merges its fragments into both tables wi
 :func:`csseg_core.results.append_rows`: tmp file + rename, rows keyed on ``(trial_id, step)``
 and ``trial_id`` so nothing is ever duplicated. At the end of each grid cell the sweep merges
 again every trial of the cell (a no-op unless a callback was missed, e.g. after a crash).
+
+How a trial ended is Tune's decision, recorded by that callback as ``tune.json`` (``ended``:
+``complete`` or ``error``, and the last step Tune received) before Tune stops the trial's
+actor. A trial Tune ended without an error before its last step was stopped by the scheduler
+(ASHA): it is ``stopped`` even if its driver then saw the Train controller die under it
+(``ActorDiedError`` from ``fit()``, written to ``trial.json`` as an error, or a step that failed
+while being killed); its finished steps are kept, the failed ones dropped. ASHA also stops the
+trials that report their last step (``max_t``), killing the driver in ``fit()``'s teardown:
+they finished (``ok``).
 """
 
 from __future__ import annotations
@@ -83,14 +92,37 @@ def trial_row(meta: Mapping[str, Any], steps: list[dict], status: str, error: st
     return row
 
 
-def merge_trial(sweep_dir: str | os.PathLike, trial_id: str, *, ended: str = "complete",
+def record_end(sweep_dir: str | os.PathLike, trial_id: str, ended: str, *, error: str | None = None,
+               reported_step: int | None = None, wall_s: float | None = None) -> Path:
+    """Record how Tune ended a trial (``complete`` or ``error``), the last step it received and
+    its run time (used when the driver was killed before writing its own)."""
+    if ended not in ("complete", "error"):
+        raise ValueError(f"ended must be 'complete' or 'error', not {ended!r}")
+    return write_json(rows_dir(sweep_dir, trial_id) / "tune.json",
+                      {"ended": ended, "error": error, "reported_step": reported_step, "wall_s": wall_s})
+
+
+def tune_end(sweep_dir: str | os.PathLike, trial_id: str) -> dict | None:
+    """What :func:`record_end` recorded for the trial, or None (still running, or never recorded)."""
+    return read_json(rows_dir(sweep_dir, trial_id) / "tune.json")
+
+
+def merge_trial(sweep_dir: str | os.PathLike, trial_id: str, *, ended: str | None = None,
                 error: str | None = None) -> dict | None:
     """Merge a finished trial's fragments into both tables (idempotent).
+
+    The status follows Tune's recorded end (:func:`record_end`) when there is one, else
+    ``ended``, else the driver's own ``trial.json``:
+
+    * ended ``complete`` (finished, or stopped by the scheduler): ``ok`` when the trial's last
+      step was received and the driver finished, otherwise ``stopped``; a stopped trial keeps
+      its finished steps and loses the rows of steps that failed while it was being stopped;
+    * ended ``error``: ``error``, with the driver's one-line message (or Tune's, or the step's).
 
     Args:
         sweep_dir: the sweep folder.
         trial_id: the Tune trial id.
-        ended: how Tune saw it end: ``complete`` (finished or stopped by the scheduler) or ``error``.
+        ended: how Tune saw it end, when :func:`record_end` was not called: ``complete`` or ``error``.
         error: Tune's error message, used when the driver could not write its own.
 
     Returns:
@@ -102,11 +134,26 @@ def merge_trial(sweep_dir: str | os.PathLike, trial_id: str, *, ended: str = "co
         return None
     steps = step_fragments(sweep_dir, trial_id)
     end = read_json(folder / "trial.json") or {}
-    status = end.get("status") or ("error" if ended == "error" else "ok")
-    err = end.get("error") or (error if status == "error" else None)
+    verdict = tune_end(sweep_dir, trial_id) or {}
+    ended = verdict.get("ended") or ended
+    error = verdict.get("error") or error
+    last_step = int(meta["num_steps"]) - 1
+    if ended == "complete":  # Tune saw no error: the trial finished or the scheduler stopped it
+        # ASHA also "stops" a trial at its last report (max_t): it finished, though Tune killed its
+        # driver during fit()'s teardown, before it could write trial.json
+        reported = verdict.get("reported_step")
+        finished = int(reported) >= last_step if reported is not None else end.get("status") == "ok"
+        status, err = ("ok" if finished else "stopped"), None
+        if status == "stopped":
+            steps = [r for r in steps if r.get("status") == "ok"]
+    elif ended == "error":
+        status, err = "error", end.get("error") or error
+    else:  # no word from Tune (a crash before its callback): the driver's own record
+        status = end.get("status") or "ok"
+        err = end.get("error") if status == "error" else None
     if status == "error" and err is None:
         err = next((r.get("error") for r in reversed(steps) if r.get("error")), "unknown error")
-    row = trial_row(meta, steps, status, err, end.get("wall_s"))
+    row = trial_row(meta, steps, status, err, end.get("wall_s", verdict.get("wall_s")))
     if steps:
         append_rows(Path(sweep_dir) / STEPS, steps, key=STEP_KEY)
     append_rows(Path(sweep_dir) / TRIALS, [row], key=TRIAL_KEY)

@@ -10,7 +10,10 @@ that training; otherwise every rank ``ray.get``s the cached ref), then run steps
 :func:`csseg_core.engine.run_step`,
 calling ``ray.train.report`` once per step with the scalar metrics and a checkpoint of the
 state (rank 0 writes it). ``TuneReportCallback`` turns each report into one Tune result, so
-ASHA stops weak trials at step boundaries (``time_attr="step"``). A failed worker group is
+ASHA stops weak trials at step boundaries (``time_attr="step"``): Tune then kills the trial
+actor, and with it the Train controller and workers, so ``fit()`` may raise in the driver;
+the sweep's callback has recorded the stop first (``tables.record_end``), so the driver
+records the trial as stopped, not failed. A failed worker group is
 restarted by Ray Train from the last step checkpoint (``ray.train.get_checkpoint()``).
 Per-class IoU and loss terms never go through ``report``: rank 0 writes them as row
 fragments (``tables.py``) that the sweep merges into Parquet.
@@ -33,7 +36,7 @@ from csseg_core.metrics import ALL_METRICS
 from csseg_core.results import step_row
 
 from .cache import READY, Lease, lookup_cache, state_path
-from .tables import rows_dir, write_json, write_step_fragment
+from .tables import rows_dir, tune_end, write_json, write_step_fragment
 
 SCALARS = ("step", *ALL_METRICS, "wall_s", "images_per_s")
 
@@ -192,7 +195,8 @@ def trial_driver(config: dict, ctx: dict) -> None:
     cfg, hp = trial_config(ctx, config)
     last_step = int(ctx["last_step"])  # the scenario's last step, or 1 under the first-step protocol
     folder = rows_dir(sweep_dir, trial_id)
-    (folder / "trial.json").unlink(missing_ok=True)  # a restarted trial starts undecided
+    for name in ("trial.json", "tune.json"):  # a restarted trial starts undecided
+        (folder / name).unlink(missing_ok=True)
     write_json(folder / "meta.json", {
         "sweep": ctx["sweep"], "cell": ctx["cell"], "trial_id": trial_id, "scenario": cfg.scenario,
         "mode": cfg.mode, "method": cfg.method, "profile": cfg.profile, "seed": cfg.seed,
@@ -217,6 +221,11 @@ def trial_driver(config: dict, ctx: dict) -> None:
     try:
         trainer.fit()
     except Exception as err:  # noqa: BLE001 - every failure is recorded, then re-raised for Tune
+        if (tune_end(sweep_dir, trial_id) or {}).get("ended") == "complete":
+            # Tune (ASHA) stopped this trial (after a step, or at its last one) and is tearing its
+            # actor down: the Train controller and workers die with it and fit() raises
+            # (ActorDiedError, ...). Not a failure: tables.py decides ok/stopped from Tune's record.
+            return
         message = _worker_error(err, sweep_dir, trial_id)
         write_json(folder / "trial.json", {"status": "error", "error": message,
                                            "wall_s": time.perf_counter() - started})

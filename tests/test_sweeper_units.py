@@ -120,6 +120,37 @@ def test_train_env_speeds_up_trials_and_yields_to_the_user(monkeypatch):
     assert train_env() == {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "3", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1"}
 
 
+def test_a_local_ray_starts_on_the_address_its_workers_are_told(monkeypatch):
+    """Ray Train's PlacementGroupCleaner must find *this* cluster when other Ray instances run on the
+    machine (else an ASHA-stopped trial's CPU is never freed): the GCS port is pinned and passed on."""
+    import ray
+
+    from sweeper import runner
+
+    seen = []
+
+    def fake_init(**kwargs):
+        port = os.environ.get("RAY_GCS_SERVER_PORT")
+        seen.append((port, kwargs["runtime_env"]["env_vars"]["RAY_ADDRESS"]))
+        return type("Ctx", (), {"address_info": {"gcs_address": kwargs["runtime_env"]["env_vars"]["RAY_ADDRESS"]},
+                                "dashboard_url": None})()
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_GCS_SERVER_PORT", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", fake_init)
+    assert runner.init_ray(SweepSpec(scenarios="voc-15-1", dashboard=False)) == (True, None)
+    (port, address), = seen
+    assert port and address.endswith(f":{port}") and "RAY_GCS_SERVER_PORT" not in os.environ  # restored
+    monkeypatch.setenv("RAY_GCS_SERVER_PORT", "6390")  # the user's port wins
+    runner.init_ray(SweepSpec(scenarios="voc-15-1", dashboard=False))
+    assert seen[-1][0] == "6390" and seen[-1][1].endswith(":6390") and os.environ["RAY_GCS_SERVER_PORT"] == "6390"
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # ray.init joins that cluster: nothing pinned
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.append(kw["runtime_env"]["env_vars"].get("RAY_ADDRESS")) or None)
+    runner.init_ray(SweepSpec(scenarios="voc-15-1", dashboard=False))
+    assert seen[-1] is None
+
+
 # ---------------------------------------------------------------------------- fake sweep
 def _fake_trial(sweep_dir, cell_scenario, trial_id, kd, finals, *, fail_at=None, val=None):
     """``finals`` = test (all, old, new); ``val`` = validation (all, old, new), default = test."""
@@ -374,3 +405,32 @@ def test_live_eta_and_row_cap():
     assert p.fraction() == pytest.approx(4 / 8) and p.eta_s(100.0) == pytest.approx(100.0)
     text = _render(build_table(p, now=100.0, max_rows=2))
     assert "t2" in text and "t3" in text and "t0" not in text and "2 finished trial(s) not shown" in text
+
+
+def test_a_trial_tune_stopped_is_stopped_even_if_its_driver_saw_the_kill(tmp_path):
+    """ASHA stops a trial after step 1; its driver then sees the Train controller die (ActorDiedError) and the
+    worker's step 2 fails under the kill: Tune's recorded end decides (stopped, steps 0-1 kept), not the driver."""
+    from sweeper.tables import record_end, tune_end
+
+    d = tmp_path / "asha"
+    for t in ("stopped", "unknown", "finished"):
+        _fake_trial(d, "voc-10-5-5", t, 5.0, (0.3, 0.3, 0.3), fail_at=2 if t != "finished" else None)
+    for t in ("stopped", "unknown"):
+        write_json(rows_dir(d, t) / "trial.json", {"status": "error", "error": "ActorDiedError: The actor died unexpectedly"})
+    record_end(d, "stopped", "complete", reported_step=1)
+    record_end(d, "finished", "complete", reported_step=2, wall_s=7.5)
+    (rows_dir(d, "finished") / "trial.json").unlink()  # ASHA stops at max_t too: killed in fit()'s teardown
+    assert tune_end(d, "stopped") == {"ended": "complete", "error": None, "reported_step": 1, "wall_s": None}
+    assert tune_end(d, "unknown") is None
+    rows = {t: merge_trial(d, t) for t in ("stopped", "unknown", "finished")}
+    assert (rows["stopped"]["status"], rows["stopped"]["error"], rows["stopped"]["steps_done"]) == ("stopped", None, 2)
+    assert rows["stopped"]["final_step"] == 1
+    assert rows["unknown"]["status"] == "error" and "ActorDiedError" in rows["unknown"]["error"]  # no word from Tune
+    assert rows["finished"]["status"] == "ok" and rows["finished"]["steps_done"] == 3
+    assert rows["finished"]["error"] is None and rows["finished"]["wall_s"] == 7.5
+    steps = sorted((r["step"], r["status"]) for r in read_table(d, STEPS) if r["trial_id"] == "stopped")
+    assert steps == [(0, "ok"), (1, "ok")]  # the step that failed under the kill is not a finished step
+    record_end(d, "unknown", "error", error="TrialError: boom")
+    assert merge_trial(d, "unknown")["status"] == "error"
+    with pytest.raises(ValueError):
+        record_end(d, "x", "stopped")
