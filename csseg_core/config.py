@@ -208,7 +208,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     # CPU smoke runs on the synthetic data (the dataclass defaults: tiny backbone, OS 8, 128-channel
     # head, crop 64, batch 16, 500 iterations at lr 0.05 for step 0, 100 iterations at lr 5e-4 for
     # every later step with a 100x learning rate (0.05) on the new classifier and BatchNorm frozen at
-    # steps > 0); see docs/CALIBRATION.md.
+    # steps > 0, the old network's gradient norm clipped to 3 there); see docs/CALIBRATION.md.
     "smoke": dict(),
 }
 ADE_PAPER = dict(batch_size=4, epochs=60, epochs_incremental=60, lr=1e-2, lr_incremental=1e-3)

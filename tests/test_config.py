@@ -195,8 +195,10 @@ def test_bad_switch_values_are_one_line_config_errors(key, value, needle):
 
 def test_switches_enter_the_step_keys_and_leave_existing_keys_unchanged():
     # keys computed before the switches existed: the defaults keep every cached state valid
-    # (the smoke step-1 key changed with the profile's fix_bn_incremental=True, step 0's did not)
-    assert [resolve_config("voc-15-1", "sdr").step_key(s) for s in (0, 1)] == ["dde2f6948df5356a", "b0905010e8a9e307"]
+    # (the smoke step-1 key changed with the profile's fix_bn_incremental=True and then its
+    # grad_clip_incremental=3, step 0's did not; with the clip off it is the previous key)
+    assert [resolve_config("voc-15-1", "sdr").step_key(s) for s in (0, 1)] == ["dde2f6948df5356a", "4273340db49adc0f"]
+    assert resolve_config("voc-15-1", "sdr", overrides={"grad_clip_incremental": 0}).step_key(1) == "b0905010e8a9e307"
     assert [resolve_config("voc-15-1", "sdr", profile="paper").step_key(s) for s in (0, 1)] == \
         ["0eeca5214ddeb555", "5922f4e8ee134316"]
     base = resolve_config("voc-15-1", "sdr")
