@@ -54,15 +54,17 @@ def class_style(c: int, n_classes: int) -> dict:
         ``{"rgb", "texture", "period", "angle", "shape", "radius"}``.
     """
     k = c - 1
-    # Colour: 10 hues x 2 (VOC) or 3 (ADE) brightness tiers; ADE's 150 classes then differ
-    # by texture (5 kinds: stripes at 4 angles, checker), so (colour, texture) is unique.
-    n_colours = 20 if n_classes <= 20 else 30
-    col = k % n_colours
-    tier = col // 10
-    hue = (col % 10) / 10 + (0.05 if tier == 1 else 0.0)
-    value = (0.95, 0.5, 0.72)[tier]
-    rgb = np.array(colorsys.hsv_to_rgb(hue % 1.0, 0.9, value), dtype=np.float32)
-    tex = (k * 3) % 5 if n_classes <= 20 else k // n_colours
+    if n_classes <= 20:  # VOC: 10 hues x 2 brightness tiers, so the colour is unique
+        tier = k // 10
+        hue = (k % 10) / 10 + (0.05 if tier == 1 else 0.0)
+        sat, value = 0.9, (0.95, 0.5)[tier]
+        tex = (k * 3) % 5
+    else:  # ADE: 50 hues x 3 (saturation, brightness) tiers: the colour is unique too, texture is a second cue
+        tier = k // 50
+        hue = (k % 50) / 50 + tier / 150
+        sat, value = ((0.9, 0.95), (0.55, 0.75), (0.95, 0.5))[tier]
+        tex = k % 5
+    rgb = np.array(colorsys.hsv_to_rgb(hue % 1.0, sat, value), dtype=np.float32)
     return {
         "rgb": rgb,
         "texture": "checker" if tex == 4 else "stripes",
