@@ -38,7 +38,7 @@ from search_spaces import GridCell, to_optuna
 from .cache import get_cache, kill_cache
 from .live import LiveView, SweepProgress, append_worker_logs, prints_to_file, ray_output_to_file
 from .spec import TEST_PROTOCOL_NOTE, Plan, SweepSpec, plan_sweep, spec_to_dict
-from .tables import TRIALS, merge_trial, read_json, read_table, started_trials, write_json
+from .tables import STEPS, TRIALS, merge_trial, read_json, read_table, started_trials, write_json
 from .trial import trial_driver
 
 DRIVER_RESOURCES = {"CPU": 0, "memory": 1 << 20}
@@ -195,6 +195,18 @@ def size_concurrency(spec: SweepSpec, resources: dict[str, float]) -> int:
     return max(1, min(fits if spec.concurrency is None else min(spec.concurrency, fits), spec.trials))
 
 
+def driver_resources() -> tune.PlacementGroupFactory:
+    """Each trial's driver: :data:`DRIVER_RESOURCES`, placed on this (the sweep's) node when it can.
+
+    On a cluster, the trial drivers and their Train controllers (pinned by Ray Train to the
+    driver's node) then live beside the sweep and its step-0 cache; worker nodes only hold Train
+    workers, so losing one loses workers, which Ray Train restarts from the trial's last step
+    checkpoint (``--max-failures``). A soft hint: a full or dead node sends them elsewhere.
+    """
+    here = ray.get_runtime_context().get_node_id()
+    return tune.PlacementGroupFactory([DRIVER_RESOURCES], strategy="STRICT_PACK", _soft_target_node_id=here)
+
+
 # ---------------------------------------------------------------------------- sweep folder
 def _json_roundtrip(d: Any) -> Any:
     return json.loads(json.dumps(d, sort_keys=True, default=str))
@@ -280,7 +292,7 @@ def run_cell(plan: Plan, cell: GridCell, concurrency: int):
 
     A restored experiment keeps the callbacks it was started with (Tune pickles them).
     """
-    trainable = tune.with_resources(tune.with_parameters(trial_driver, ctx=_cell_ctx(plan, cell)), DRIVER_RESOURCES)
+    trainable = tune.with_resources(tune.with_parameters(trial_driver, ctx=_cell_ctx(plan, cell)), driver_resources())
     exp_dir = plan.sweep_dir / "tune" / cell.name
     if tune.Tuner.can_restore(str(exp_dir)):
         log(f"{cell.name}: restoring the interrupted Tune experiment")
@@ -365,10 +377,15 @@ def run_sweep(spec: SweepSpec) -> Path:
 
 
 def _step0_summary(plan: Plan, stats: dict) -> dict[str, Any]:
+    """Step-0 counts: trainings, cache hits, states the cache loaded from files, and the trials'
+    reads through the object store (``steps.parquet``), those of a state trained on another node."""
     saved = read_json(plan.sweep_dir / "step0" / "stats.json") or {}
+    rows = [r for r in read_table(plan.sweep_dir, STEPS) if r.get("step") == 0 and r.get("step0_source") == "object_store"]
     return {"trained": int(saved.get("trained", stats.get("trained", 0))),
             "trained_this_run": int(stats.get("trained", 0)) if stats else 0,
-            "reused": int(stats.get("hits", 0)), "loaded_from_files": int(stats.get("loaded", 0))}
+            "reused": int(stats.get("hits", 0)), "loaded_from_files": int(stats.get("loaded", 0)),
+            "object_store_reads": len(rows),
+            "cross_node_reads": sum(1 for r in rows if r.get("node_id") and r.get("node_id") != r.get("step0_node_id"))}
 
 
 def _closing_note(plan: Plan, state: dict) -> None:
@@ -377,8 +394,10 @@ def _closing_note(plan: Plan, state: dict) -> None:
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
     status = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no trials"
-    log(f"done in {state['wall_s']:.0f} s: {status}; step 0 trained {state['step0']['trained']} time(s) "
-        f"for {len(plan.cells)} cell(s)")
+    s0 = state["step0"]
+    log(f"done in {state['wall_s']:.0f} s: {status}; step 0 trained {s0['trained']} time(s) "
+        f"for {len(plan.cells)} cell(s), read {s0['object_store_reads']} time(s) from the object store "
+        f"({s0['cross_node_reads']} from another node), loaded {s0['loaded_from_files']} time(s) from files")
     from .export import leaderboard
 
     board = leaderboard(plan.sweep_dir)
