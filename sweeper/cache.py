@@ -162,7 +162,13 @@ def lookup_cache(sweep: str):
 
 
 def kill_cache(sweep: str) -> dict[str, Any] | None:
-    """Return the cache's stats and kill it (its states stay on disk); None if it is not running."""
+    """Return the cache's stats and kill it (its states stay on disk); None if it is not running.
+
+    Without a Ray connection (joining the cluster failed) it does nothing: ``ray.get_actor``
+    would otherwise start a local Ray instance just to find no actor.
+    """
+    if not ray.is_initialized():
+        return None
     try:
         actor = lookup_cache(sweep)
     except ValueError:

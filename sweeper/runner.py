@@ -136,18 +136,22 @@ def train_env(local: bool = True) -> dict[str, str]:
 def init_ray(spec: SweepSpec) -> tuple[bool, str | None]:
     """Start (or join) Ray; returns (True if this call connected and must shut it down, dashboard URL).
 
+    It joins ``spec.address``, else ``$RAY_ADDRESS`` (what Ray sets for a job's entrypoint, so
+    ``ray job submit -- csseg sweep ...`` runs on the job's cluster), else starts a local Ray.
+
     Workers print to the driver's terminal only with ``spec.verbose >= 1``; otherwise their output
     stays in Ray's session logs (see ``sweep.log``). They never repeat the synthetic-data note
     (``CSSEG_SYNTHETIC_NOTE=0``): the driver prints it once.
     """
     if ray.is_initialized():
         return False, None
+    address = spec.address or os.environ.get("RAY_ADDRESS")  # set for the entrypoint of a Ray Job
     paths = [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in paths if p), "CSSEG_SYNTHETIC_NOTE": "0",
-                        **train_env(local=not spec.address)}}
+                        **train_env(local=not address)}}
     quiet = {"log_to_driver": spec.verbose >= 1}
-    if spec.address:
-        ctx = ray.init(address=spec.address, runtime_env=env, **quiet)
+    if address:
+        ctx = join_cluster(address, env, quiet)
     else:
         try:
             ctx = ray.init(include_dashboard=spec.dashboard, dashboard_host="127.0.0.1", runtime_env=env, **quiet)
@@ -158,6 +162,20 @@ def init_ray(spec: SweepSpec) -> tuple[bool, str | None]:
     if url:
         log(f"Ray dashboard: http://{url}  (token: `ray get-auth-token`)")
     return True, (f"http://{url}" if url else None)
+
+
+def join_cluster(address: str, runtime_env: dict, quiet: dict):
+    """``ray.init(address=...)`` with one-line errors for the usual reasons a join fails."""
+    from ray.exceptions import AuthenticationError
+
+    try:
+        return ray.init(address=address, runtime_env=runtime_env, **quiet)
+    except (AuthenticationError, ConnectionError) as err:
+        if isinstance(err, AuthenticationError) or isinstance(err.__cause__, AuthenticationError):
+            raise ConfigError(f"the Ray cluster at {address} rejected this client's auth token: export RAY_AUTH_MODE=token "
+                              "and the cluster's token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)") from None
+        raise ConfigError(f"no Ray cluster answers at {address} ({str(err).splitlines()[0]}); start one "
+                          "(`ray start --head`) or fix --address / RAY_ADDRESS") from None
 
 
 def _ray_logs_dir() -> str | None:

@@ -363,3 +363,9 @@ def test_live_eta_and_row_cap():
     assert p.fraction() == pytest.approx(4 / 8) and p.eta_s(100.0) == pytest.approx(100.0)
     text = _render(build_table(p, now=100.0, max_rows=2))
     assert "t2" in text and "t3" in text and "t0" not in text and "2 finished trial(s) not shown" in text
+
+
+@pytest.mark.parametrize("uri", ["s3://bucket/sweeps", "gs://bucket/sweeps", "s3:/bucket/sweeps"])
+def test_a_storage_uri_is_refused_with_the_fix(uri):
+    with pytest.raises(ConfigError, match="is a URI; the sweep folder must be a path every node sees"):
+        plan_sweep(SweepSpec(scenarios=("voc-19-1",), method="lwf", trials=1, storage=uri))
