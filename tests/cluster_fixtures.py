@@ -25,6 +25,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -98,6 +99,9 @@ class LocalCluster:
 
         self.ip = get_node_ip_address()
         self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+                    # a loaded 2-core machine: the dashboard agent may take a minute to come up, and
+                    # a raylet that waits for it less long aborts (its default is ~30 s)
+                    "RAY_agent_register_timeout_ms": "240000",
                     "RAY_AUTH_TOKEN_PATH": str(token),
                     "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
                     **(env or {})}
@@ -147,9 +151,31 @@ class LocalCluster:
         self.procs[name] = subprocess.Popen(self._command(index, name), env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                             start_new_session=True, cwd=str(ROOT))
 
-    def start(self, timeout_s: float = 120.0) -> LocalCluster:
-        """Start every node and wait until the GCS sees them all alive (node ids in :attr:`node_ids`)."""
+    def start(self, timeout_s: float = 240.0) -> LocalCluster:
+        """Start every node and wait until the GCS sees them all alive (node ids in :attr:`node_ids`).
+
+        Whatever goes wrong, the nodes started so far are stopped before the error propagates.
+        """
+        try:
+            return self._start(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _gcs_listens(self, timeout_s: float) -> None:
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            if self.procs["head"].poll() is not None:
+                return  # _wait reports the exit with the node's log
+            with socket.socket() as sock:
+                sock.settimeout(1.0)
+                if sock.connect_ex((self.ip, self.base_port)) == 0:
+                    return
+            time.sleep(0.5)
+
+    def _start(self, timeout_s: float) -> LocalCluster:
         self._spawn(0, "head")
+        self._gcs_listens(timeout_s)
         self._wait(1, timeout_s)
         for i, name in enumerate(self.names()[1:], start=1):
             self._spawn(i, name)
@@ -159,7 +185,6 @@ class LocalCluster:
                 if node["resources"].get(f"node:{name}"):
                     self.node_ids[name] = node["node_id"]
         if len(self.node_ids) != 1 + self.workers:
-            self.stop()
             raise RuntimeError(f"local cluster: {len(self.node_ids)}/{1 + self.workers} nodes came up ({self.temp_dir})")
         return self
 
@@ -169,15 +194,16 @@ class LocalCluster:
             for name, proc in self.procs.items():
                 if proc.poll() is not None:
                     log = (Path(self.temp_dir) / f"ray-start-{name}.log").read_text()[-2000:]
-                    self.stop()
                     raise RuntimeError(f"local cluster: `ray start` of {name} exited {proc.returncode}:\n{log}")
-            out = subprocess.run([sys.executable, "-c", _NODES_SCRIPT, self.address, str(count), "30"], env=self.env,
-                                 capture_output=True, text=True, timeout=timeout_s)
+            try:
+                out = subprocess.run([sys.executable, "-c", _NODES_SCRIPT, self.address, str(count), "30"], env=self.env,
+                                     capture_output=True, text=True, timeout=timeout_s)
+            except subprocess.TimeoutExpired as err:
+                out = subprocess.CompletedProcess(err.cmd, 1, "", str(err.stderr or "")[-1500:])
             nodes = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else []
             if len(nodes) >= count:
                 return nodes
             if time.time() > deadline:
-                self.stop()
                 raise RuntimeError(f"local cluster: {len(nodes)}/{count} nodes after {timeout_s:.0f} s: {out.stderr[-1500:]}")
 
     def raylet_pid(self, name: str) -> int | None:
