@@ -75,6 +75,10 @@ def _children(pid: int) -> list[tuple[int, str]]:
     return out
 
 
+class NodeExited(RuntimeError):
+    """A node's ``ray start`` process ended while the cluster was starting."""
+
+
 class LocalCluster:
     """Head + ``workers`` worker nodes on this machine, each ``cpus`` CPUs (see the module docstring).
 
@@ -173,12 +177,29 @@ class LocalCluster:
                     return
             time.sleep(0.5)
 
-    def _start(self, timeout_s: float) -> LocalCluster:
-        self._spawn(0, "head")
-        self._gcs_listens(timeout_s)
-        self._wait(1, timeout_s)
+    def _start(self, timeout_s: float, attempts: int = 3) -> LocalCluster:
+        # `ray start` gives a node 30 s (hard-coded) to register; on a loaded machine it may miss
+        # that and exit: start it again (up to `attempts` times)
+        for attempt in range(attempts):
+            self._spawn(0, "head")
+            self._gcs_listens(timeout_s)
+            try:
+                self._wait(1, timeout_s)
+                break
+            except NodeExited:
+                if attempt == attempts - 1:
+                    raise
+                self.stop()
         for i, name in enumerate(self.names()[1:], start=1):
-            self._spawn(i, name)
+            for attempt in range(attempts):
+                self._spawn(i, name)
+                try:
+                    self._wait(1 + i, timeout_s)
+                    break
+                except NodeExited:
+                    if attempt == attempts - 1:
+                        raise
+                    self.procs.pop(name).wait()
         nodes = self._wait(1 + self.workers, timeout_s)
         for node in nodes:
             for name in self.names():
@@ -188,18 +209,28 @@ class LocalCluster:
             raise RuntimeError(f"local cluster: {len(self.node_ids)}/{1 + self.workers} nodes came up ({self.temp_dir})")
         return self
 
+    def _check_alive(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                log = (Path(self.temp_dir) / f"ray-start-{name}.log").read_text()[-2000:]
+                raise NodeExited(f"local cluster: `ray start` of {name} exited {proc.returncode}:\n{log}")
+
     def _wait(self, count: int, timeout_s: float) -> list[dict]:
         deadline = time.time() + timeout_s
         while True:
-            for name, proc in self.procs.items():
-                if proc.poll() is not None:
-                    log = (Path(self.temp_dir) / f"ray-start-{name}.log").read_text()[-2000:]
-                    raise RuntimeError(f"local cluster: `ray start` of {name} exited {proc.returncode}:\n{log}")
+            self._check_alive()
+            probe = subprocess.Popen([sys.executable, "-c", _NODES_SCRIPT, self.address, str(count), "30"], env=self.env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             try:
-                out = subprocess.run([sys.executable, "-c", _NODES_SCRIPT, self.address, str(count), "30"], env=self.env,
-                                     capture_output=True, text=True, timeout=timeout_s)
-            except subprocess.TimeoutExpired as err:
-                out = subprocess.CompletedProcess(err.cmd, 1, "", str(err.stderr or "")[-1500:])
+                while probe.poll() is None:  # a node that dies meanwhile ends the wait at once
+                    if time.time() > deadline or any(p.poll() is not None for p in self.procs.values()):
+                        probe.kill()
+                        break
+                    time.sleep(0.5)
+            finally:
+                stdout, stderr = probe.communicate()
+            self._check_alive()
+            out = subprocess.CompletedProcess(probe.args, probe.returncode, stdout, stderr)
             nodes = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else []
             if len(nodes) >= count:
                 return nodes
