@@ -50,7 +50,7 @@ while True:
     if len(nodes) >= want or time.time() > deadline:
         break
     time.sleep(0.5)
-print(json.dumps([{"node_id": n["NodeID"], "resources": n["Resources"]} for n in nodes]))
+print("NODES=" + json.dumps([{"node_id": n["NodeID"], "resources": n["Resources"]} for n in nodes]))
 """
 
 
@@ -231,7 +231,8 @@ class LocalCluster:
                 stdout, stderr = probe.communicate()
             self._check_alive()
             out = subprocess.CompletedProcess(probe.args, probe.returncode, stdout, stderr)
-            nodes = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else []
+            found = [ln[len("NODES="):] for ln in (out.stdout or "").splitlines() if ln.startswith("NODES=")]
+            nodes = json.loads(found[-1]) if out.returncode == 0 and found else []
             if len(nodes) >= count:
                 return nodes
             if time.time() > deadline:
