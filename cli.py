@@ -16,7 +16,6 @@ Bad input ends with one line on stderr naming the problem and the fix, and a non
 from __future__ import annotations
 
 import functools
-import math
 import os
 import sys
 from pathlib import Path
@@ -81,7 +80,10 @@ def user_errors(fn):
 
 
 def pct(x) -> str:
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+    """IoU fraction as a percentage with one decimal (:func:`csseg_core.metrics.format_percent`, imported late)."""
+    from csseg_core.metrics import format_percent
+
+    return format_percent(x)
 
 
 @app.command()
@@ -147,23 +149,19 @@ EXPORT_ONLY_KEYS = ("metrics", "metrics_std", "seeds", "reeval_sweep", "command"
 
 
 def load_config_file(path: Path, scenario: Optional[str], mode: Optional[str]) -> dict:
-    """Read a ``--config`` YAML (a run's config.yaml or export-best output), safely."""
-    import yaml
+    """Read a ``--config`` YAML (a run's config.yaml or export-best output), safely.
 
-    from csseg_core.errors import ConfigError, first_line
+    Of an export-best file with several cells, the one cell of ``scenario`` (any alias, as
+    :func:`sweeper.load_best`) and ``mode`` is used."""
+    from csseg_core.config import config_entries, read_config_file, select_entries
+    from csseg_core.errors import ConfigError
 
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML ({first_line(err)})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of keys")
+    data = read_config_file(path)
     if "cells" in data:
-        cells = [c for c in data["cells"] if (scenario is None or c.get("scenario") == scenario) and (mode is None or c.get("mode") == mode)]
+        entries = config_entries(data, path)
+        cells = select_entries(entries, scenario, mode)
         if len(cells) != 1:
-            names = ", ".join(f"{c.get('scenario')}/{c.get('mode')}" for c in data["cells"])
+            names = ", ".join(f"{c.get('scenario')}/{c.get('mode')}" for c in entries)
             raise ConfigError(f"config file {path} holds several cells ({names}); pick one with SCENARIO and --mode")
         data = cells[0]
     out = {k: v for k, v in data.items() if k not in EXPORT_ONLY_KEYS}
@@ -364,6 +362,8 @@ def _print_leaderboard(sweep_dir: Path, metric: Optional[str], top: Optional[int
 
 def _print_noise(cell_rows: list, reeval: dict, cell: str) -> None:
     """Seed spread of the cell's top trials, when `export-best --top K --seeds S` measured it."""
+    from csseg_core.metrics import STEP_KINDS
+
     metric = cell_rows[0]["metric"]
     gap = (cell_rows[0][metric] or 0) - (cell_rows[1][metric] or 0) if len(cell_rows) > 1 else None
     summary = next((c for c in reeval.get("cells", []) if c["cell"] == cell), None)
@@ -378,7 +378,7 @@ def _print_noise(cell_rows: list, reeval: dict, cell: str) -> None:
     for c in summary["candidates"]:
         m, sd = c["metrics"], c["metrics_std"]
         table.add_row(str(c["trial_id"]).split("_")[-1], *(f"{pct(m[k])} ± {pct(sd[k])}" for k in (
-            "val_miou_all", "val_miou_old", "val_miou_new", "miou_all", "miou_old", "miou_new")))
+            f"{prefix}miou_{kind}" for prefix in ("val_", "") for kind in STEP_KINDS)))
     console.print(table)
     spread = max((c["metrics_std"][summary["metric"]] for c in summary["candidates"]), default=0.0)
     if gap is not None and gap <= spread:
@@ -466,20 +466,20 @@ def final(best: Path = typer.Argument(..., help="A file written by `csseg export
           out: Optional[Path] = typer.Option(None, help="Output folder; default: <file dir>/final."),
           progress: bool = typer.Option(True, help="Show progress bars.")):
     """Run the exported configuration(s) over several seeds; report mean ± std per metric (val and test)."""
+    from csseg_core.metrics import KINDS, METRICS
     from sweeper import run_final
 
     summaries = run_final(best, seeds, out_dir=out, data_root=str(data_root) if data_root else None, progress=progress,
                           scenarios=_csv(scenarios) or None)
     table = Table(title=f"final runs of {summaries[0]['method']} over {seeds} seed(s) (mIoU %, last step, mean ± std)",
                   caption="* a scenario / class order the sweep never saw (transfer)")
-    for col in ("tuned on", "run on", "split", "all", "old", "new", "avg"):
+    for col in ("tuned on", "run on", "split", *KINDS):
         table.add_column(col)
     for s in summaries:
         m = s["metrics"]
         for split, prefix in (("val", "val_"), ("test", "")):
             table.add_row(s["cell"], s["scenario"] + ("*" if s["transfer"] else ""), split,
-                          *(f"{pct(m[prefix + k]['mean'])} ± {pct(m[prefix + k]['std'])}" for k in
-                            ("miou_all", "miou_old", "miou_new", "miou_avg")))
+                          *(f"{pct(m[prefix + k]['mean'])} ± {pct(m[prefix + k]['std'])}" for k in METRICS))
     console.print(table)
     typer.echo(f"tables: {(out or best.resolve().parent / 'final') / 'final.parquet'}")
 

@@ -3,7 +3,6 @@
 * :func:`machine` / :func:`versions`: what a row of ``BENCHMARKS.md`` says about the box;
 * :func:`wait_for_load`: wait (poll every 30 s, up to 15 min) for a quiet shared machine;
 * :class:`CpuMeter`: CPU utilisation from ``/proc/stat`` deltas (psutil when available);
-* :class:`Phases`: ``time.perf_counter`` phase timer;
 * :func:`print_table` (rich) and :func:`append_row` (a dated line appended to ``BENCHMARKS.md``);
 * :func:`bench_home`: a private ``$CSSEG_HOME`` for the benchmarks (synthetic data + filter
   caches), so they never touch the user's cache nor race with other jobs' files.
@@ -12,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as _dt
 import json
 import os
@@ -150,24 +148,6 @@ class CpuMeter:
         wall = time.perf_counter() - self._t0
         total = max(total1 - self._total0, 1e-9)
         return {"cpu_util": (busy1 - self._busy0) / total, "wall_s": wall}
-
-
-class Phases:
-    """Named ``time.perf_counter`` phases: ``with ph("imports"): ...``; ``ph.as_dict()``."""
-
-    def __init__(self) -> None:
-        self.times: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, name: str):
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
-
-    def as_dict(self) -> dict[str, float]:
-        return dict(self.times)
 
 
 def _proc_name(proc) -> str:

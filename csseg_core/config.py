@@ -20,10 +20,12 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import ConfigError
+from .errors import ConfigError, first_line
 from .losses import ATTRACTION_REDUCES, FEATURE_GATHERS
 from .methods import build_method, canonical_method, method_defaults
 from .scenarios import check_mode, get_scenario
@@ -101,6 +103,11 @@ class ExperimentConfig:
     """Freeze BatchNorm (statistics and affine) at steps > 0 only. On in ``smoke``: a step's
     few images otherwise drag the running statistics away from the old classes'
     (docs/CALIBRATION.md); off in ``paper`` and ``small`` (the reference's ``--fix_bn`` False)."""
+    grad_clip_incremental: float = 3.0
+    """Clip the global gradient norm of the old network's parameters (all but the new classifier) to
+    this value at steps > 0; 0 = off. On in ``smoke`` (3): a large distillation weight (SDR's KD 100)
+    otherwise makes the first iterations' updates overshoot and the old classes collapse on some
+    datasets (docs/CALIBRATION.md h); off in ``paper`` and ``small`` (the reference does not clip)."""
     num_workers: int = 0
     cache_images: bool = True
     """Keep decoded images in memory (small datasets only)."""
@@ -163,7 +170,7 @@ class ExperimentConfig:
         d["data"] = self.data_root or "synthetic"
         if step == 0:
             for k in ("method", "params", "epochs_incremental", "lr_incremental", "fault_nan_step", "iters_incremental",
-                      "lr_new_cls", "fix_bn_incremental"):
+                      "lr_new_cls", "fix_bn_incremental", "grad_clip_incremental"):
                 d.pop(k)
             d.pop("attraction_reduce", None)  # a loss of steps > 0 (popped above when default)
             d["classes"] = [list(scenario.steps[0]), sorted(scenario.order)]
@@ -181,6 +188,7 @@ class ExperimentConfig:
 _FIELDS = {f.name: f for f in dataclasses.fields(ExperimentConfig) if f.name not in ("scenario", "method", "params")}
 _HASHED_IF_SET = {k: _FIELDS[k].default for k in ("bn_momentum", "backbone_dilation", "head_act", "pool_window",
                                                    "sdr_feature_gather", "attraction_reduce", "sync_prototypes", "amp")}
+_HASHED_IF_SET["grad_clip_incremental"] = 0.0  # added later with a non-zero smoke default: only "off" keeps old keys
 # The reference network (SDR ``make_model_v2``: ``net/resnet_atrous.py`` + ``modules/deeplab.py``).
 REFERENCE_MODEL = dict(bn_momentum=0.0003, backbone_dilation="reference", head_act="none", pool_window=32)
 
@@ -190,11 +198,12 @@ PROFILES: dict[str, dict[str, Any]] = {
     "paper": dict(backbone="resnet101", output_stride=16, pretrained="imagenet", head_channels=256, crop_size=512, batch_size=8,
                   epochs=30, epochs_incremental=30, lr=1e-3, lr_incremental=1e-4, num_workers=4, cache_images=False,
                   log_every=10, num_samples=4, iters=0, iters_incremental=0, lr_new_cls=1.0, amp="off",
-                  fix_bn_incremental=False, **REFERENCE_MODEL),
+                  fix_bn_incremental=False, grad_clip_incremental=0.0, **REFERENCE_MODEL),
     # Quick GPU sweeps: a small backbone at crop 256.
     "small": dict(backbone="resnet18", output_stride=16, pretrained="imagenet", head_channels=256, crop_size=256, batch_size=16,
                   epochs=10, epochs_incremental=10, lr=1e-2, lr_incremental=1e-3, num_workers=4, cache_images=False,
-                  iters=0, iters_incremental=0, lr_new_cls=1.0, fix_bn_incremental=False),
+                  iters=0, iters_incremental=0, lr_new_cls=1.0, fix_bn_incremental=False,
+                  grad_clip_incremental=0.0),
     # CPU smoke runs on the synthetic data (the dataclass defaults: tiny backbone, OS 8, 128-channel
     # head, crop 64, batch 16, 500 iterations at lr 0.05 for step 0, 100 iterations at lr 5e-4 for
     # every later step with a 100x learning rate (0.05) on the new classifier and BatchNorm frozen at
@@ -317,6 +326,47 @@ def _validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"pool_window must be >= 0 (got {cfg.pool_window}; 0 = global mean); e.g. --set pool_window=32")
 
 
-def config_field_docs() -> dict[str, Any]:
-    """Engine keys accepted by ``--set`` with their smoke defaults."""
-    return {name: f.default for name, f in _FIELDS.items()}
+# ---------------------------------------------------------------------------- config files
+def read_config_file(path: str | os.PathLike, *, what: str = "config file", hint: str = "") -> dict:
+    """A YAML mapping read with ``yaml.safe_load`` (a file never executes code).
+
+    The file is a run's ``config.yaml`` or what ``csseg export-best`` wrote: one entry, or
+    ``{"cells": [entry, ...]}`` for several grid cells (see :func:`config_entries`).
+
+    Args:
+        path: the YAML file.
+        what: how error messages name the file.
+        hint: appended to the "does not exist" / "not valid YAML" messages.
+
+    Raises:
+        ConfigError: missing file, invalid YAML, or not a mapping.
+    """
+    import yaml
+
+    tail = f"; {hint}" if hint else ""
+    if not Path(path).is_file():
+        raise ConfigError(f"{what} {path} does not exist{tail}")
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{what} {path} is not valid YAML ({first_line(err)}){tail}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path} must hold a mapping of keys")
+    return data
+
+
+def config_entries(doc: Mapping[str, Any], path: str | os.PathLike = "the config file") -> list[dict]:
+    """The entries of a file read by :func:`read_config_file`: its ``cells``, or the file itself."""
+    entries = doc["cells"] if "cells" in doc else [doc]
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise ConfigError(f"{path}: 'cells' must be a list of mappings (one per grid cell)")
+    return entries
+
+
+def select_entries(entries: list[dict], scenario: str | None = None, mode: str | None = None) -> list[dict]:
+    """The entries of ``scenario`` (by any alias: ``voc-15-5s`` is ``voc-15-1``) and ``mode``
+    (an entry without a mode is ``disjoint``); ``None`` keeps every scenario / mode."""
+    want = get_scenario(scenario).name if scenario else None
+    return [e for e in entries
+            if (want is None or (e.get("scenario") is not None and get_scenario(e["scenario"]).name == want))
+            and (mode is None or e.get("mode", "disjoint") == mode)]

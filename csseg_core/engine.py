@@ -35,7 +35,7 @@ from .config import ExperimentConfig
 from .data import build_datasets, default_data_root
 from .errors import ConfigError, TrainingError
 from .methods import Batch, Output, StepContext, build_method, required_statistics
-from .metrics import ConfusionMatrix, step_metrics
+from .metrics import METRICS, STEP_KINDS, ConfusionMatrix, step_metrics
 from .models import build_model, load_previous
 from .scenarios import get_scenario
 from .statistics import build_collectors
@@ -221,6 +221,10 @@ def run_step(cfg: ExperimentConfig, step: int, prev_state: dict | None = None, *
         groups.append({"name": "new_cls", "params": [p for p in model.cls[-1].parameters() if p.requires_grad],
                        "weight_decay": cfg.weight_decay, "lr_mult": cfg.lr_new_cls})
     optimizer = _sgd(groups, base_lr, cfg.momentum, device)
+    clipped = []
+    if step > 0 and cfg.grad_clip_incremental > 0:
+        new_cls = {id(p) for p in model.cls[-1].parameters()}
+        clipped = [p for p in model.parameters() if p.requires_grad and id(p) not in new_cls]
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     net = model
     if world > 1:
@@ -297,6 +301,8 @@ def run_step(cfg: ExperimentConfig, step: int, prev_state: dict | None = None, *
                     raise TrainingError(
                         f"step {step}, iteration {it}: loss term {bad[0]!r} became {values[bad[0]]}; lower its weight "
                         f"or the learning rate (lr={lr:.3g}); nothing of this step was saved")
+                if clipped:  # the old network's parameters (the new classifier's gradients are left as they are)
+                    torch.nn.utils.clip_grad_norm_(clipped, cfg.grad_clip_incremental, foreach=True)
                 scaler.step(optimizer)
                 scaler.update()
                 for k, v in values.items():
@@ -320,7 +326,7 @@ def run_step(cfg: ExperimentConfig, step: int, prev_state: dict | None = None, *
             cm = evaluate(model, _loader(datasets[split], cfg, train=False, seed=0), num_classes, device, cfg.amp)
             m = step_metrics(cm, classes[0])
         else:  # val_fraction=0: no validation split
-            m = {k: float("nan") for k in ("miou_all", "miou_old", "miou_new")}
+            m = {f"miou_{k}": float("nan") for k in STEP_KINDS}
             m["class_iou"] = [float("nan")] * num_classes
         history = list(prev_state.get(f"{prefix}history", [])) if step > 0 else []
         history.append(float(m["miou_all"]))
@@ -328,7 +334,7 @@ def run_step(cfg: ExperimentConfig, step: int, prev_state: dict | None = None, *
         m["miou_avg"] = float(np.mean(finite)) if finite else float("nan")
         histories[f"{prefix}history"] = history
         if prefix:
-            m = {f"{prefix}{k}": m[k] for k in ("miou_all", "miou_old", "miou_new", "miou_avg", "class_iou")}
+            m = {f"{prefix}{k}": m[k] for k in (*METRICS, "class_iou")}
         metrics.update(m)
     metrics.update(
         step=step,

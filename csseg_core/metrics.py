@@ -21,10 +21,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["ConfusionMatrix", "step_metrics", "format_percent", "METRICS", "VAL_METRICS", "ALL_METRICS", "split_metric"]
+__all__ = ["ConfusionMatrix", "step_metrics", "format_percent", "KINDS", "STEP_KINDS", "METRICS", "VAL_METRICS",
+           "ALL_METRICS", "split_metric"]
 
-METRICS = ("miou_all", "miou_old", "miou_new", "miou_avg")
-"""Test metrics (the dataset's evaluation images, what papers report)."""
+KINDS = ("all", "old", "new", "avg")
+"""The mIoU kinds, short names (``--metric old``, table columns); every metric name derives from them."""
+STEP_KINDS = KINDS[:3]
+"""The kinds measured on one step's confusion matrix (``avg`` is the mean of ``all`` over the steps so far)."""
+METRICS = tuple(f"miou_{k}" for k in KINDS)
+"""Test metrics (the dataset's evaluation images, what papers report): ``miou_all`` ... ``miou_avg``."""
 VAL_METRICS = tuple(f"val_{m}" for m in METRICS)
 """The same metrics on the held-out validation split (what sweeps select on)."""
 ALL_METRICS = VAL_METRICS + METRICS
@@ -152,17 +157,18 @@ def step_metrics(cm: ConfusionMatrix, n_old: int) -> dict[str, Any]:
     }
 
 
-def format_percent(x: float | None) -> str:
+def format_percent(x: float | None, missing: str = "–") -> str:
     """Format a fraction as a percentage with one decimal (``0.6134`` → ``"61.3"``).
 
     Args:
         x: A fraction, NaN or None.
+        missing: what NaN / None print as.
 
     Returns:
-        The percentage, or ``"–"`` for NaN / None.
+        The percentage, or ``missing`` for NaN / None.
     """
-    if x is None or math.isnan(x):
-        return "–"
+    if x is None or x != x:  # NaN of any float type
+        return missing
     return f"{100.0 * x:.1f}"
 
 

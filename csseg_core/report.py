@@ -17,7 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .atomic import atomic_path
 from .errors import ConfigError
+from .metrics import KINDS as METRIC_KINDS
+from .metrics import STEP_KINDS
 from .results import read_rows
 
 INSTALL_HINT = "pip install -e '.[report]'"
@@ -172,7 +175,7 @@ def final_table(rows: Sequence[dict]) -> tuple[str, str]:
     for r in rows:
         for split, prefix, _ in SPLITS:
             cells = []
-            for k in ("all", "old", "new", "avg"):
+            for k in METRIC_KINDS:
                 mean, std = pct(r.get(f"{prefix}miou_{k}_mean")), pct(r.get(f"{prefix}miou_{k}_std"))
                 cells.append("–" if mean is None else f"{mean:.1f} ± {std or 0.0:.1f}")
             body.append([str(r.get("tuned_on", r.get("cell"))), str(r.get("scenario")) + ("*" if r.get("transfer") else ""),
@@ -227,9 +230,8 @@ def write_report(out_dir: str | os.PathLike, title: str, sections: Sequence[Sect
             plt.close(fig.mpl)  # optuna's matplotlib figures live in pyplot's registry; ours are free-standing
             pngs.append(png)
     page = out / "report.html"
-    tmp = out / ".report.html.tmp"
-    tmp.write_text(PAGE.format(title=html.escape(title), summary=summary_html, body="\n".join(parts)), encoding="utf-8")
-    os.replace(tmp, page)
+    with atomic_path(page) as tmp:
+        tmp.write_text(PAGE.format(title=html.escape(title), summary=summary_html, body="\n".join(parts)), encoding="utf-8")
     return {"html": page, "pngs": pngs, "figures": index}
 
 
@@ -287,7 +289,7 @@ def report_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
            "|---|---|---|---|---|---|---|---|"]
     for label, steps in groups.items():
         for r in sorted(steps, key=lambda r: r["step"]):
-            values = [pct(r.get(f"{p}miou_{k}")) for _, p, _ in SPLITS for k in ("all", "old", "new")]
+            values = [pct(r.get(f"{p}miou_{k}")) for _, p, _ in SPLITS for k in STEP_KINDS]
             md.append(f"| {label} | {r['step']} | " + " | ".join("–" if v is None else f"{v:.1f}" for v in values) + " |")
     written = write_report(out, f"csseg report · {run_dir.name}", sections)
     md += ["", "Figures: " + ", ".join(f"`{p.name}`" for p in written["pngs"]) + "; interactive: `report.html`.", ""]

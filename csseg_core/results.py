@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .atomic import atomic_path
 from .metrics import ALL_METRICS as METRIC_KEYS
 
 
@@ -71,16 +71,9 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
 def write_rows(path: str | os.PathLike, rows: Sequence[dict]) -> Path:
     """Write ``rows`` as the whole content of ``path``, atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pylist(list(_unify(rows)))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, str(tmp))
     return path
 
 

@@ -57,12 +57,13 @@ def write_config(cfg: ExperimentConfig, path: str | Path) -> None:
 
 def format_metrics(m: dict) -> str:
     """``val all 58.0 old 69.1 new 11.2 | test all 61.3 old 70.1 new 12.0 avg 65.2`` (percentages)."""
+    from .metrics import KINDS, STEP_KINDS
     from .metrics import format_percent as pct
 
     def part(prefix: str, keys) -> str:
         return " ".join(f"{k} {pct(m.get(f'{prefix}miou_{k}'))}" for k in keys)
 
-    return f"val {part('val_', ('all', 'old', 'new'))} | test {part('', ('all', 'old', 'new', 'avg'))}"
+    return f"val {part('val_', STEP_KINDS)} | test {part('', KINDS)}"
 
 
 def run_scenario(cfg: ExperimentConfig, out_dir: str | Path, *, steps: Iterable[int] | None = None,

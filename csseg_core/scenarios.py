@@ -2,7 +2,7 @@
 
 A scenario is ``(dataset, task)``; the mode (disjoint / overlapped / sequential) is a separate
 option (:data:`MODES`). Class lists follow the reference ``tasks.py`` of SDR and PLOP (see
-``shared/reference/scenarios.json``): standard orders are generated from ``(initial, increment)``,
+``tests/data/scenarios.json``, checked by ``tests/test_scenarios.py``): standard orders are generated from ``(initial, increment)``,
 only the shuffled orders (VOC ``19-1b``, PLOP ``15-5s_b..w``, ADE ``b``/``c``) are spelled out.
 
 Model index space: the index of a class is its position in :attr:`Scenario.order`

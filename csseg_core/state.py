@@ -10,13 +10,13 @@ it for the Ray object store (numpy arrays travel zero-copy; they come back read-
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from .atomic import atomic_path
 from .errors import ConfigError, first_line
 
 
@@ -41,15 +41,8 @@ def state_from_numpy(state: dict) -> dict:
 def save_state(state: dict, path: str | os.PathLike) -> Path:
     """Write ``state`` atomically (temporary file in the same folder, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

@@ -14,24 +14,11 @@ import math
 import numpy as np
 import torch
 
+from .data.io import voc_colormap
 from .metrics import METRICS, format_percent
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-
-
-def color_map(n: int = 256) -> np.ndarray:
-    """The Pascal VOC palette (n x 3, uint8)."""
-    cmap = np.zeros((n, 3), dtype=np.uint8)
-    for i in range(n):
-        c, r, g, b = i, 0, 0, 0
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        cmap[i] = (r, g, b)
-    return cmap
 
 
 class StepLogger:
@@ -90,7 +77,7 @@ class StepLogger:
 
     @torch.no_grad()
     def _samples(self, model, dataset, device, n: int) -> np.ndarray:
-        cmap = color_map()
+        cmap = voc_colormap()
         rows = []
         model.eval()
         for i in np.linspace(0, len(dataset) - 1, min(n, len(dataset))).astype(int):

@@ -18,14 +18,16 @@ from typing import Any, Sequence
 from rich import box
 from rich.table import Table
 
+from csseg_core.metrics import ALL_METRICS, KINDS, STEP_KINDS, format_percent
+
 FORMATS = ("table", "csv", "json", "md")
 #: Leaderboard columns that are not hyperparameters.
 FIXED = ("cell", "rank", "trial_id", "scenario", "mode", "method", "seed", "pareto", "wall_s", "metric", "select_on",
-         "final_step", "val_miou_all", "val_miou_old", "val_miou_new", "val_miou_avg", "miou_all", "miou_old",
-         "miou_new", "miou_avg")
-COMPACT_METRICS = (("val\nall", "val_miou_all"), ("val\nold", "val_miou_old"), ("val\nnew", "val_miou_new"),
-                   ("test\nall", "miou_all"), ("test\nold", "miou_old"), ("test\nnew", "miou_new"))
-WIDE_METRICS = COMPACT_METRICS[:3] + (("val\navg", "val_miou_avg"),) + COMPACT_METRICS[3:] + (("test\navg", "miou_avg"),)
+         "final_step", *ALL_METRICS)
+_SPLITS = (("val", "val_"), ("test", ""))
+#: (column header, metric) of the leaderboard table: all / old / new (+ avg when wide), validation then test.
+COMPACT_METRICS = tuple((f"{split}\n{k}", f"{prefix}miou_{k}") for split, prefix in _SPLITS for k in STEP_KINDS)
+WIDE_METRICS = tuple((f"{split}\n{k}", f"{prefix}miou_{k}") for split, prefix in _SPLITS for k in KINDS)
 
 
 def params_of(rows: Sequence[dict]) -> list[str]:
@@ -33,9 +35,7 @@ def params_of(rows: Sequence[dict]) -> list[str]:
     return list(dict.fromkeys(k for r in rows for k in r if k not in FIXED))
 
 
-def pct(x: Any) -> str:
-    """IoU fraction as a percentage with one decimal (``–`` when missing)."""
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+pct = format_percent  # IoU fraction as a percentage with one decimal (``–`` when missing)
 
 
 def sig3(v: Any) -> str:

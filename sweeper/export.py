@@ -18,7 +18,8 @@ from typing import Any, Sequence
 
 import yaml
 
-from csseg_core.errors import ConfigError, first_line
+from csseg_core.atomic import atomic_path
+from csseg_core.errors import ConfigError
 from csseg_core.metrics import ALL_METRICS, split_metric
 
 from .spec import metric_name
@@ -175,10 +176,8 @@ def export_best(sweep_dir: str | os.PathLike, metric: str | None, out_path: str 
     if not entries:
         raise ConfigError(f"no trial of {sweep_dir} finished every step; nothing to export")
     doc: Any = entries[0] if len(entries) == 1 else {"cells": entries}
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
-    os.replace(tmp, out_path)
+    with atomic_path(out_path) as tmp:
+        tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
     return out_path
 
 
@@ -192,23 +191,15 @@ def load_best(path: str | os.PathLike, *, scenario: str | None = None, mode: str
     Raises:
         ConfigError: missing or malformed file, or no entry matches.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"best-config file {path} does not exist; write it with `csseg export-best`")
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML ({first_line(err)}); write it with `csseg export-best`") from None
-    entries = doc.get("cells") if isinstance(doc, dict) and "cells" in doc else [doc]
+    from csseg_core.config import config_entries, read_config_file, select_entries
+
+    doc = read_config_file(path, what="best-config file", hint="write it with `csseg export-best`")
+    entries = config_entries(doc, path)
     for e in entries:
-        if not isinstance(e, dict) or not {"scenario", "method"} <= set(e):
+        if not {"scenario", "method"} <= set(e):
             raise ConfigError(f"{path} is not a best-config file (each entry needs scenario, method, params)")
     if scenario is not None or mode is not None:
-        from csseg_core.scenarios import get_scenario
-
-        want = get_scenario(scenario).name if scenario else None
-        entries = [e for e in entries if (want is None or get_scenario(e["scenario"]).name == want)
-                   and (mode is None or e.get("mode", "disjoint") == mode)]
+        entries = select_entries(entries, scenario, mode)
         if not entries:
             raise ConfigError(f"{path} has no configuration for {scenario or 'any scenario'} / {mode or 'any mode'}")
     return entries

@@ -31,6 +31,8 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
+from csseg_core.metrics import format_percent
+
 #: plain (non-terminal) mode: at most one progress line per this many seconds between trial ends
 PLAIN_EVERY_S = 60.0
 #: loggers whose records go to ``sweep.log`` while a calm sweep runs
@@ -152,7 +154,7 @@ def _duration(seconds: float | None) -> str:
 
 
 def _pct(x: float | None) -> str:
-    return "-" if x is None or x != x else f"{100 * x:.1f}"
+    return format_percent(x, missing="-")
 
 
 def headline(progress: SweepProgress, now: float) -> str:

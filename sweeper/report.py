@@ -22,6 +22,7 @@ import warnings
 from pathlib import Path
 
 from csseg_core.errors import ConfigError
+from csseg_core.metrics import STEP_KINDS
 from csseg_core.report import (
     Figure,
     Section,
@@ -317,7 +318,7 @@ def _md_cell(cell: str, trials: list[dict], best: dict | None, entry: dict | Non
         return lines + ["No best configuration yet.", ""]
     lines += [f"Best trial `{best['trial_id']}`: {metric} = {pct(best[metric]):.1f} %, test mIoU all / old / new = "
               + " / ".join("–" if pct(best.get(k)) is None else f"{pct(best.get(k)):.1f}"
-                           for k in ("miou_all", "miou_old", "miou_new")) + " %.", "",
+                           for k in (f"miou_{k}" for k in STEP_KINDS)) + " %.", "",
               "| hyperparameter | value |", "|---|---|"]
     lines += [f"| {k} | {entry['params'].get(k)} |" for k in searched if k in entry["params"]]
     sets = " ".join(f"--set {k}={v}" for k, v in entry["params"].items())

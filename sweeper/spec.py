@@ -15,7 +15,7 @@ import hashlib
 import json
 import re
 import tempfile
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -280,5 +280,3 @@ def spec_to_dict(spec: SweepSpec) -> dict[str, Any]:
     d["points"] = [dict(p) for p in spec.points]
     return d
 
-
-SPEC_FIELDS = tuple(f.name for f in fields(SweepSpec))

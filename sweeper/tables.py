@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
+from csseg_core.atomic import atomic_path
 from csseg_core.results import METRIC_KEYS, append_rows, read_rows
 
 STEPS, TRIALS = "steps.parquet", "trials.parquet"
@@ -26,15 +26,8 @@ STEP_KEY, TRIAL_KEY = ("trial_id", "step"), ("trial_id",)
 def write_json(path: str | os.PathLike, data: Any) -> Path:
     """Write JSON atomically (tmp file in the same folder + rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, default=str)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, default=str))
     return path
 
 

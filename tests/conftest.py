@@ -9,6 +9,15 @@ import pytest
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Contract of the declared markers: a test that starts Ray (asks for ``ray_session``) is marked
+    ``ray``, so ``pytest -m "not ray"`` (and ``-m "not slow"``) really leaves Ray out."""
+    unmarked = [item.nodeid for item in items
+                if "ray_session" in getattr(item, "fixturenames", ()) and item.get_closest_marker("ray") is None]
+    if unmarked:
+        raise pytest.UsageError("tests that start Ray must carry @pytest.mark.ray: " + ", ".join(unmarked))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def csseg_home(tmp_path_factory):
     """A private $CSSEG_HOME for the whole session (filter caches, synthetic data, shared step-0

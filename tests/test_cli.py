@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 import cli
 from csseg_core.methods import list_methods
+from csseg_core.metrics import format_percent as _pct
 from csseg_core.results import read_rows
 from csseg_core.scenarios import get_scenario
 from csseg_core.state import load_state
@@ -28,10 +29,6 @@ SMOKE_SET = ["--set", "epochs=1", "--set", "epochs_incremental=1", "--set", "cro
 @pytest.fixture(scope="module")
 def runner():
     return CliRunner()
-
-
-def _pct(x) -> str:
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
 
 
 def _table_rows(text: str) -> list[list[str]]:

@@ -274,7 +274,7 @@ def test_best_config_file_never_executes_code(tmp_path):
     for i, text in enumerate(_yaml_payloads(marker)):
         path = tmp_path / f"best{i}.yaml"
         path.write_text(text)
-        with pytest.raises((ConfigError, yaml.YAMLError)):  # must refuse; see test_hardening for the error type
+        with pytest.raises((ConfigError, yaml.YAMLError)):  # must refuse; see test_hardening_sweeper for the error type
             load_best(path)
     assert not marker.exists()
 

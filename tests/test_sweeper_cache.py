@@ -11,7 +11,7 @@ import ray.cloudpickle
 import torch
 from ray_fixtures import ray_session_fixture  # noqa: F401  (session fixture)
 
-pytestmark = pytest.mark.usefixtures("ray_session")
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_session")]
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers need not import tests/
 
 

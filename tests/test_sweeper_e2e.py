@@ -23,7 +23,7 @@ from csseg_core.errors import ConfigError
 from search_spaces import Choice, LogUniform
 from sweeper import SweepSpec, best_config, export_best, leaderboard, load_best, run_sweep
 
-pytestmark = pytest.mark.usefixtures("ray_session")
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
 
 TINY = {"epochs": 1, "epochs_incremental": 1, "crop_size": 48, "head_channels": 32, "num_samples": 0}
 

@@ -22,7 +22,7 @@ import cli
 from search_spaces import LogUniform
 from sweeper import SweepSpec, export_best, leaderboard, load_best, read_reeval, run_sweep
 
-pytestmark = pytest.mark.usefixtures("ray_session")
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
 
 TINY = {"epochs": 1, "epochs_incremental": 1, "crop_size": 48, "head_channels": 32, "num_samples": 0}
 

@@ -12,7 +12,7 @@ from ray_fixtures import ray_session_fixture, tiny_voc_fixture  # noqa: F401  (s
 from csseg_core.state import load_state
 from sweeper import SweepSpec, run_sweep
 
-pytestmark = pytest.mark.usefixtures("ray_session")
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
 
 TINY = {"epochs": 1, "epochs_incremental": 1, "crop_size": 48, "head_channels": 32, "num_samples": 0}
 

@@ -270,9 +270,19 @@ def test_first_step_protocol_and_only_points(tmp_path):
     assert param_space == {"point": {"grid_search": [{"kd": 3.0}, {"kd": 30.0}]}}
 
 
-def test_tune_config_single_multi_objective_asha_and_ft(tmp_path):
+def test_tune_config_single_multi_objective_asha_and_ft(tmp_path, monkeypatch):
+    import ray.tune.schedulers as schedulers
+
     from sweeper.runner import tune_config
 
+    asha_kwargs = {}
+
+    class RecordedASHA(schedulers.ASHAScheduler):  # what tune_config asks of ASHA, through its public constructor
+        def __init__(self, **kwargs):
+            asha_kwargs.update(kwargs)
+            super().__init__(**kwargs)
+
+    monkeypatch.setattr(schedulers, "ASHAScheduler", RecordedASHA)
     plan = plan_sweep(SweepSpec(scenarios="voc-15-1,voc-19-1", method="sdr", trials=7, storage=str(tmp_path),
                                 objectives=("old", "new"), scheduler="asha", seed=3))
     plan.sweep_dir.mkdir(parents=True)
@@ -280,10 +290,11 @@ def test_tune_config_single_multi_objective_asha_and_ft(tmp_path):
     assert param_space is None and config.num_samples == 7 and config.max_concurrent_trials == 2
     searcher = config.search_alg
     assert searcher.metric == ["val_miou_old", "val_miou_new"] and searcher.mode == ["max", "max"]
-    assert searcher._points_to_evaluate == [dict(plan.points[0])]
+    assert searcher.suggest("first") == dict(plan.points[0])  # the preset is the first trial
     assert (plan.sweep_dir / "optuna-voc-15-1-disjoint.log").exists()
     asha = config.scheduler
-    assert asha._time_attr == "step" and asha._metric == "val_miou_all" and asha._max_t == 5
+    assert isinstance(asha, RecordedASHA) and asha.metric == "val_miou_all"
+    assert asha_kwargs["time_attr"] == "step" and asha_kwargs["max_t"] == 5 and asha_kwargs["mode"] == "max"
     config, _ = tune_config(plan, plan.cells[1], concurrency=1)  # voc-19-1: one incremental step, no ASHA
     assert config.scheduler is None
     ft = plan_sweep(SweepSpec(scenarios="voc-15-1", method="ft", trials=3, storage=str(tmp_path), seed=5))

@@ -11,13 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
+from csseg_core.atomic import atomic_path
 from csseg_core.data import io as dio
 
 CACHE_VERSION = 1
@@ -48,11 +48,8 @@ def cache_key(**fields) -> str:
 
 def _save_atomic(path: Path, array: np.ndarray) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".npy")
-        with os.fdopen(fd, "wb") as fh:
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
             np.save(fh, array)
-        os.replace(tmp, path)
     except OSError:  # a read-only cache only costs recomputation
         pass
 

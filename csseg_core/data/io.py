@@ -143,6 +143,19 @@ def load_label(path: Path, num_classes: int) -> np.ndarray:
     return arr
 
 
+def voc_colormap(n: int = 256) -> np.ndarray:
+    """The Pascal VOC palette (bit-interleaved class id), ``n x 3`` uint8: the colours of
+    VOC's palette label PNGs, and of labels and predictions in TensorBoard samples."""
+    cmap = np.zeros((n, 3), dtype=np.uint8)
+    ids = np.arange(n)
+    for shift in range(8):
+        for ch in range(3):
+            bit = (ids >> ch) & 1
+            cmap[:, ch] |= (bit << (7 - shift)).astype(np.uint8)
+        ids = ids >> 3
+    return cmap
+
+
 def label_presence(arr: np.ndarray) -> np.ndarray:
     """Which of the 256 ids occur in a uint8 label map.
 

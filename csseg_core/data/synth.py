@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from csseg_core.data.cache import csseg_home
+from csseg_core.data.io import voc_colormap
 from csseg_core.data.synth_styles import STYLES, render_style
 from csseg_core.errors import ConfigError
 
@@ -40,18 +41,6 @@ DEFAULTS = {
     "ade": {"n_train": 1500, "n_val": 300, "size": 96},
 }
 _SHAPES = ("ellipse", "rectangle", "triangle")
-
-
-def voc_colormap(n: int = 256) -> np.ndarray:
-    """The Pascal VOC palette (bit-interleaved class id), ``n x 3`` uint8."""
-    cmap = np.zeros((n, 3), dtype=np.uint8)
-    ids = np.arange(n)
-    for shift in range(8):
-        for ch in range(3):
-            bit = (ids >> ch) & 1
-            cmap[:, ch] |= (bit << (7 - shift)).astype(np.uint8)
-        ids = ids >> 3
-    return cmap
 
 
 def class_style(c: int, n_classes: int) -> dict:

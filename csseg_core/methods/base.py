@@ -106,7 +106,6 @@ class Method:
     collects: ClassVar[tuple[str, ...]] = ()
     """Statistics this method needs from the previous step's state (every step of the method collects
     them; step 0 collects them when the method, or another one sharing that step 0, needs them)."""
-    needs_old_features: ClassVar[bool] = False
 
     def __init__(self, params: Any) -> None:
         self.params = params
