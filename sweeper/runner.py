@@ -164,10 +164,56 @@ def init_ray(spec: SweepSpec) -> tuple[bool, str | None]:
     return True, (f"http://{url}" if url else None)
 
 
+#: seconds :func:`probe_address` waits for a TCP connection to a cluster's GCS port
+PROBE_TIMEOUT_S = 5.0
+
+
+def probe_address(address: str | None, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+    """Fail fast (one line) when nothing listens at a cluster address, before ``ray.init``.
+
+    ``ray.init(address=HOST:PORT)`` retries a GCS that does not answer for many minutes; this
+    opens one TCP connection (``timeout_s``) to the address Ray would use (``auto`` resolved,
+    ``localhost`` mapped to this node's IP as Ray does; ``ray://HOST:PORT`` probes that port).
+    ``None``, ``local`` and an ``auto`` with no cluster to find are left to ``ray.init``.
+
+    Raises:
+        ConfigError: a malformed address, or no answer at it.
+    """
+    import socket
+
+    if not address or address == "local":
+        return
+    target = address.split("://", 1)[1] if address.startswith("ray://") else address
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+
+        resolved = canonicalize_bootstrap_address(target)
+    except ValueError:
+        raise ConfigError(f"Ray address {address!r} is not HOST:PORT; pass --address HOST:PORT (the head's GCS port, "
+                          "6379 by default) or auto") from None
+    except Exception:  # noqa: BLE001 - a private helper of Ray: fall back to the address as given
+        resolved = target
+    if resolved is None:
+        return
+    host, _, port = resolved.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"Ray address {address!r} is not HOST:PORT; pass --address HOST:PORT (the head's GCS port, "
+                          "6379 by default) or auto")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as err:
+        why = "no answer" if isinstance(err, TimeoutError) else (err.strerror or type(err).__name__).lower()
+        raise ConfigError(f"no Ray cluster listens at {address} ({resolved}: {why} within {timeout_s:g} s); start one "
+                          f"(`ray start --head --port={port}`) or fix --address / RAY_ADDRESS") from None
+
+
 def join_cluster(address: str, runtime_env: dict, quiet: dict):
-    """``ray.init(address=...)`` with one-line errors for the usual reasons a join fails."""
+    """``ray.init(address=...)`` with one-line errors for the usual reasons a join fails
+    (nothing listening: :func:`probe_address`, in seconds instead of Ray's minutes of retries)."""
     from ray.exceptions import AuthenticationError
 
+    probe_address(address)
     try:
         return ray.init(address=address, runtime_env=runtime_env, **quiet)
     except (AuthenticationError, ConnectionError) as err:
@@ -344,6 +390,8 @@ def run_sweep(spec: SweepSpec) -> Path:
         The sweep folder (``<storage>/<name>``).
     """
     plan = plan_sweep(spec)
+    if not ray.is_initialized():  # a dead --address fails before the sweep folder is made
+        probe_address(spec.address or os.environ.get("RAY_ADDRESS"))
     if spec.select_on == "test":
         log(TEST_PROTOCOL_NOTE)
     state = prepare_dir(plan)
