@@ -107,3 +107,66 @@ def test_ray_job_submit_runs_the_same_sweep(cli_sweep, two_node_cluster, cluster
     assert sorted(t["step0_source"] for t in job_trials) == ["object_store", "trained"]
     info = json.loads((job_dir / "sweep.json").read_text())
     assert info["status"] == "complete" and info["step0"]["trained"] == 1 and info["step0"]["cross_node_reads"] == 1
+
+
+def _mid_step2_on(sweep_dir: Path, node_id: str) -> str | None:
+    """The trial whose worker runs on ``node_id``, once Ray Train holds its step-1 checkpoint and step 2
+    has not finished (its step-2 row is not written), else None."""
+    for row_dir in (sweep_dir / "rows").glob("*") if (sweep_dir / "rows").is_dir() else ():
+        step1 = row_dir / "step-001.json"
+        snapshot = sweep_dir / "train" / row_dir.name / "checkpoint_manager_snapshot.json"
+        try:
+            on_node = json.loads(step1.read_text()).get("node_id") == node_id
+            registered = '"step-001"' in snapshot.read_text()
+        except (OSError, ValueError):  # not written yet (or half written)
+            continue
+        if on_node and registered and not (row_dir / "step-002.json").exists():
+            return row_dir.name
+    return None
+
+
+def test_worker_node_lost_mid_step_trial_goes_on_from_its_checkpoint(two_node_cluster, cluster_data, tmp_path):
+    """The worker node's raylet SIGKILLed while its trial is inside step 2 of a 3-step scenario: Ray Train
+    restarts that trial's worker group on the head (``--max-failures 1``) from its step-1 checkpoint; the
+    sweep completes, every trial is in trials.parquet once, and steps 0 and 1 are not run again.
+
+    Runs last in this module: it takes the module cluster's worker node down for good."""
+    nodes = two_node_cluster.node_ids
+    storage, log_path = tmp_path / "sweeps", tmp_path / "sweep.out"
+    args = sweep_args(storage, "node-loss", cluster_data, "--address", two_node_cluster.address,
+                      sets=(*TINY, "epochs_incremental=2"))
+    args[1], args[args.index("--max-failures") + 1] = "voc-10-5-5", "1"  # 3 steps; one retry
+    sweep_dir = storage / "node-loss"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *args], env=two_node_cluster.env, cwd=str(ROOT),
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            victim, deadline = None, time.monotonic() + 900  # a bound on a hang, not a timing check
+            while victim is None and proc.poll() is None and time.monotonic() < deadline:
+                victim = _mid_step2_on(sweep_dir, nodes["w1"])
+                time.sleep(0.1)
+            if victim is None:
+                pytest.fail(f"no trial reached step 2 on the worker node (rc={proc.poll()}):\n{log_path.read_text()[-3000:]}")
+            two_node_cluster.kill_raylet("w1")
+            before = {p.name: p.read_text() for p in (sweep_dir / "rows" / victim).glob("step-*.json")}
+            proc.wait(timeout=1200)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, 9)
+                proc.wait()
+    out = log_path.read_text()
+    assert proc.returncode == 0, out[-3000:]
+    assert sorted(before) == ["step-000.json", "step-001.json"], sorted(before)  # killed inside step 2
+    trials = rows(sweep_dir, "trials.parquet")
+    assert sorted(t["trial_id"] for t in trials) == sorted({t["trial_id"] for t in trials}) and len(trials) == 2, trials
+    assert all(t["status"] == "ok" and t["steps_done"] == 3 for t in trials), trials
+    steps = rows(sweep_dir, "steps.parquet")
+    assert sorted((r["trial_id"], r["step"]) for r in steps) == sorted((t["trial_id"], s) for t in trials for s in range(3))
+    after = {p.name: p.read_text() for p in (sweep_dir / "rows" / victim).glob("step-*.json")}
+    for name in before:  # steps 0 and 1 of the node-loss trial were not run again: their rows are unchanged
+        assert after[name] == before[name], f"{name} of {victim} was re-run after the node loss"
+    redone = next(r for r in steps if r["trial_id"] == victim and r["step"] == 2)
+    assert redone["node_id"] == nodes["head"]  # the retry ran where a node was left
+    assert set(next(t for t in trials if t["trial_id"] == victim)["node_ids"]) == {nodes["head"], nodes["w1"]}
+    info = json.loads((sweep_dir / "sweep.json").read_text())
+    assert info["status"] == "complete" and info["step0"]["trained"] == 1, info
