@@ -170,9 +170,10 @@ class ExperimentConfig:
         d["data"] = self.data_root or "synthetic"
         if step == 0:
             for k in ("method", "params", "epochs_incremental", "lr_incremental", "fault_nan_step", "iters_incremental",
-                      "lr_new_cls", "fix_bn_incremental", "grad_clip_incremental"):
+                      "lr_new_cls", "fix_bn_incremental"):
                 d.pop(k)
-            d.pop("attraction_reduce", None)  # a loss of steps > 0 (popped above when default)
+            for k in ("attraction_reduce", "grad_clip_incremental"):  # of steps > 0 (popped above when default)
+                d.pop(k, None)
             d["classes"] = [list(scenario.steps[0]), sorted(scenario.order)]
         else:
             d["classes"] = [list(s) for s in scenario.steps[: step + 1]]
@@ -324,6 +325,9 @@ def _validate(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"{key} must be one of {', '.join(allowed)} (got {getattr(cfg, key)!r}); e.g. --set {key}={allowed[0]}")
     if cfg.pool_window < 0:
         raise ConfigError(f"pool_window must be >= 0 (got {cfg.pool_window}; 0 = global mean); e.g. --set pool_window=32")
+    if not cfg.grad_clip_incremental >= 0:  # also refuses NaN
+        raise ConfigError(f"grad_clip_incremental must be >= 0 (got {cfg.grad_clip_incremental}; 0 = off); "
+                          "e.g. --set grad_clip_incremental=3")
 
 
 # ---------------------------------------------------------------------------- config files

@@ -368,6 +368,30 @@ def test_fix_bn_incremental_keeps_step0_batchnorm_at_step1(make_cfg, step0_runs)
     assert make_cfg(fix_bn_incremental=True).step_key(0) == make_cfg(fix_bn_incremental=False).step_key(0)
 
 
+def test_grad_clip_incremental_bounds_the_old_network_not_the_new_classifier(make_cfg, step0_runs):
+    """grad_clip_incremental (on in smoke) clips the gradient norm of every parameter but the new
+    classifier at steps > 0: with a vanishing bound the old network barely moves while the new
+    classifier learns as without clipping; step 0 is shared whatever the bound."""
+    state0, _ = step0_runs["a"]
+    old = [k for k in state0["model"] if state0["model"][k].is_floating_point() and "running" not in k]
+
+    def moved(clip):
+        state, _ = run_step(make_cfg("lwf", iters_incremental=3, grad_clip_incremental=clip, kd=100), 1, state0)
+        body = sum(float((state["model"][k] - state0["model"][k]).norm()) for k in old)
+        new = {k: v for k, v in state["model"].items() if k not in state0["model"]}
+        return body, new
+
+    body_free, new_free = moved(0.0)
+    body_clipped, new_clipped = moved(1e-9)
+    assert new_free and new_clipped.keys() == new_free.keys()
+    assert body_free > 0 and body_clipped < 0.02 * body_free, (body_clipped, body_free)  # what remains: weight decay
+    assert all(float((new_clipped[k] - new_free[k]).norm()) < 0.5 * float(new_free[k].norm()) for k in new_free)
+    assert make_cfg(grad_clip_incremental=0.0).step_key(0) == make_cfg(grad_clip_incremental=3.0).step_key(0)
+    assert make_cfg(grad_clip_incremental=0.0).step_key(1) != make_cfg(grad_clip_incremental=3.0).step_key(1)
+    with pytest.raises(ConfigError, match="grad_clip_incremental must be >= 0"):
+        make_cfg(grad_clip_incremental=-1)
+
+
 # ----------------------------------------------------------------------------- statistics a step 0 holds
 def test_shared_step0_is_trained_again_with_the_union_when_it_lacks_a_statistic(make_cfg, tmp_path):
     """SDR's step 0 holds the prototypes only; EWC then needs the Fisher: step 0 is trained again
