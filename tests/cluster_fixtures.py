@@ -106,6 +106,8 @@ class LocalCluster:
                     # a loaded 2-core machine: the dashboard agent may take a minute to come up, and
                     # a raylet that waits for it less long aborts (its default is ~30 s)
                     "RAY_agent_register_timeout_ms": "240000",
+                    # stop() ends test nodes at once: no 30 s graceful drain of a SIGTERMed node
+                    "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
                     "RAY_AUTH_TOKEN_PATH": str(token),
                     "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
                     **(env or {})}
