@@ -303,7 +303,7 @@ def sweep(scenarios: str = typer.Argument(..., help="Scenario(s), comma separate
           gpus_per_worker: float = typer.Option(0.0, help="GPUs per worker (0 = CPU, gloo)."),
           cpus_per_worker: float = typer.Option(1.0, help="CPUs per worker."),
           address: Optional[str] = typer.Option(None, help="Join a Ray cluster: auto or HOST:PORT."),
-          storage: Path = typer.Option(Path("sweeps"), help="Parent folder of the sweep folder."),
+          storage: str = typer.Option("sweeps", help="Parent folder of the sweep folder: a path every node sees."),
           name: Optional[str] = typer.Option(None, help="Sweep name; default derived from the sweep's content."),
           resume: bool = typer.Option(False, help="Continue an interrupted sweep (same --name does too)."),
           seed: int = typer.Option(0, help="Seed of the runs and of the TPE sampler."),

@@ -111,6 +111,10 @@ class Step0Cache:
             return True
         return False
 
+    def node_id(self) -> str:
+        """The node this actor runs on: it owns the refs it hands out, so their data lives there."""
+        return ray.get_runtime_context().get_node_id()
+
     def stats(self) -> dict[str, Any]:
         """Counters: trained (step-0 trainings published), hits, loaded (from files), grants, released."""
         return {**self._stats, "trained_by": dict(self._stats["trained_by"]), "keys": sorted(self._entries)}
@@ -135,11 +139,18 @@ def cache_names(sweep: str) -> tuple[str, str]:
 
 
 def get_cache(sweep: str, root: str | os.PathLike, lease_s: float = 300.0):
-    """Get or create the sweep's cache actor (named, detached, ``num_cpus=0``)."""
+    """Get or create the sweep's cache actor (named, detached, ``num_cpus=0``).
+
+    It is placed on the caller's node (the sweep's driver), softly: on a cluster, the step-0
+    states then live where the sweep itself lives, and losing a worker node never loses them.
+    """
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     name, namespace = cache_names(sweep)
     actor_cls = ray.remote(num_cpus=0, max_restarts=0)(Step0Cache)
-    return actor_cls.options(name=name, namespace=namespace, lifetime="detached",
-                             get_if_exists=True).remote(str(root), lease_s)
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
+    return actor_cls.options(name=name, namespace=namespace, lifetime="detached", get_if_exists=True,
+                             scheduling_strategy=here).remote(str(root), lease_s)
 
 
 def lookup_cache(sweep: str):
@@ -149,7 +160,13 @@ def lookup_cache(sweep: str):
 
 
 def kill_cache(sweep: str) -> dict[str, Any] | None:
-    """Return the cache's stats and kill it (its states stay on disk); None if it is not running."""
+    """Return the cache's stats and kill it (its states stay on disk); None if it is not running.
+
+    Without a Ray connection (joining the cluster failed) it does nothing: ``ray.get_actor``
+    would otherwise start a local Ray instance just to find no actor.
+    """
+    if not ray.is_initialized():
+        return None
     try:
         actor = lookup_cache(sweep)
     except ValueError:

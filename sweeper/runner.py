@@ -38,7 +38,7 @@ from search_spaces import GridCell, to_optuna
 from .cache import get_cache, kill_cache
 from .live import LiveView, SweepProgress, append_worker_logs, prints_to_file, ray_output_to_file
 from .spec import TEST_PROTOCOL_NOTE, Plan, SweepSpec, plan_sweep, spec_to_dict
-from .tables import TRIALS, merge_trial, read_json, read_table, record_end, started_trials, write_json
+from .tables import STEPS, TRIALS, merge_trial, read_json, read_table, record_end, started_trials, write_json
 from .trial import trial_driver
 
 DRIVER_RESOURCES = {"CPU": 0, "memory": 1 << 20}
@@ -183,18 +183,22 @@ def pinned_gcs_port(env: dict):
 def init_ray(spec: SweepSpec) -> tuple[bool, str | None]:
     """Start (or join) Ray; returns (True if this call connected and must shut it down, dashboard URL).
 
+    It joins ``spec.address``, else ``$RAY_ADDRESS`` (what Ray sets for a job's entrypoint, so
+    ``ray job submit -- csseg sweep ...`` runs on the job's cluster), else starts a local Ray.
+
     Workers print to the driver's terminal only with ``spec.verbose >= 1``; otherwise their output
     stays in Ray's session logs (see ``sweep.log``). They never repeat the synthetic-data note
     (``CSSEG_SYNTHETIC_NOTE=0``): the driver prints it once.
     """
     if ray.is_initialized():
         return False, None
+    address = spec.address or os.environ.get("RAY_ADDRESS")  # set for the entrypoint of a Ray Job
     paths = [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in paths if p), "CSSEG_SYNTHETIC_NOTE": "0",
-                        **train_env(local=not spec.address)}}
+                        **train_env(local=not address)}}
     quiet = {"log_to_driver": spec.verbose >= 1}
-    if spec.address:
-        ctx = ray.init(address=spec.address, runtime_env=env, **quiet)
+    if address:
+        ctx = join_cluster(address, env, quiet)
     else:
         try:
             with pinned_gcs_port(env):
@@ -211,6 +215,66 @@ def init_ray(spec: SweepSpec) -> tuple[bool, str | None]:
     if url:
         log(f"Ray dashboard: http://{url}  (token: `ray get-auth-token`)")
     return True, (f"http://{url}" if url else None)
+
+
+#: seconds :func:`probe_address` waits for a TCP connection to a cluster's GCS port
+PROBE_TIMEOUT_S = 5.0
+
+
+def probe_address(address: str | None, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+    """Fail fast (one line) when nothing listens at a cluster address, before ``ray.init``.
+
+    ``ray.init(address=HOST:PORT)`` retries a GCS that does not answer for many minutes; this
+    opens one TCP connection (``timeout_s``) to the address Ray would use (``auto`` resolved,
+    ``localhost`` mapped to this node's IP as Ray does; ``ray://HOST:PORT`` probes that port).
+    ``None``, ``local`` and an ``auto`` with no cluster to find are left to ``ray.init``.
+
+    Raises:
+        ConfigError: a malformed address, or no answer at it.
+    """
+    import socket
+
+    if not address or address == "local":
+        return
+    target = address.split("://", 1)[1] if address.startswith("ray://") else address
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+
+        resolved = canonicalize_bootstrap_address(target)
+    except ValueError:
+        raise ConfigError(f"Ray address {address!r} is not HOST:PORT; pass --address HOST:PORT (the head's GCS port, "
+                          "6379 by default) or auto") from None
+    except Exception:  # noqa: BLE001 - a private helper of Ray: fall back to the address as given
+        resolved = target
+    if resolved is None:
+        return
+    host, _, port = resolved.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"Ray address {address!r} is not HOST:PORT; pass --address HOST:PORT (the head's GCS port, "
+                          "6379 by default) or auto")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as err:
+        why = "no answer" if isinstance(err, TimeoutError) else (err.strerror or type(err).__name__).lower()
+        raise ConfigError(f"no Ray cluster listens at {address} ({resolved}: {why} within {timeout_s:g} s); start one "
+                          f"(`ray start --head --port={port}`) or fix --address / RAY_ADDRESS") from None
+
+
+def join_cluster(address: str, runtime_env: dict, quiet: dict):
+    """``ray.init(address=...)`` with one-line errors for the usual reasons a join fails
+    (nothing listening: :func:`probe_address`, in seconds instead of Ray's minutes of retries)."""
+    from ray.exceptions import AuthenticationError
+
+    probe_address(address)
+    try:
+        return ray.init(address=address, runtime_env=runtime_env, **quiet)
+    except (AuthenticationError, ConnectionError) as err:
+        if isinstance(err, AuthenticationError) or isinstance(err.__cause__, AuthenticationError):
+            raise ConfigError(f"the Ray cluster at {address} rejected this client's auth token: export RAY_AUTH_MODE=token "
+                              "and the cluster's token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)") from None
+        raise ConfigError(f"no Ray cluster answers at {address} ({str(err).splitlines()[0]}); start one "
+                          "(`ray start --head`) or fix --address / RAY_ADDRESS") from None
 
 
 def _ray_logs_dir() -> str | None:
@@ -246,6 +310,18 @@ def size_concurrency(spec: SweepSpec, resources: dict[str, float]) -> int:
     if spec.concurrency is not None and spec.concurrency > fits:
         log(f"concurrency {spec.concurrency} lowered to {fits}: the cluster holds {fits} trial(s) at once")
     return max(1, min(fits if spec.concurrency is None else min(spec.concurrency, fits), spec.trials))
+
+
+def driver_resources() -> tune.PlacementGroupFactory:
+    """Each trial's driver: :data:`DRIVER_RESOURCES`, placed on this (the sweep's) node when it can.
+
+    On a cluster, the trial drivers and their Train controllers (pinned by Ray Train to the
+    driver's node) then live beside the sweep and its step-0 cache; worker nodes only hold Train
+    workers, so losing one loses workers, which Ray Train restarts from the trial's last step
+    checkpoint (``--max-failures``). A soft hint: a full or dead node sends them elsewhere.
+    """
+    here = ray.get_runtime_context().get_node_id()
+    return tune.PlacementGroupFactory([DRIVER_RESOURCES], strategy="STRICT_PACK", _soft_target_node_id=here)
 
 
 # ---------------------------------------------------------------------------- sweep folder
@@ -333,7 +409,7 @@ def run_cell(plan: Plan, cell: GridCell, concurrency: int):
 
     A restored experiment keeps the callbacks it was started with (Tune pickles them).
     """
-    trainable = tune.with_resources(tune.with_parameters(trial_driver, ctx=_cell_ctx(plan, cell)), DRIVER_RESOURCES)
+    trainable = tune.with_resources(tune.with_parameters(trial_driver, ctx=_cell_ctx(plan, cell)), driver_resources())
     exp_dir = plan.sweep_dir / "tune" / cell.name
     if tune.Tuner.can_restore(str(exp_dir)):
         log(f"{cell.name}: restoring the interrupted Tune experiment")
@@ -367,6 +443,8 @@ def run_sweep(spec: SweepSpec) -> Path:
         The sweep folder (``<storage>/<name>``).
     """
     plan = plan_sweep(spec)
+    if not ray.is_initialized():  # a dead --address fails before the sweep folder is made
+        probe_address(spec.address or os.environ.get("RAY_ADDRESS"))
     if spec.select_on == "test":
         log(TEST_PROTOCOL_NOTE)
     state = prepare_dir(plan)
@@ -421,10 +499,15 @@ def run_sweep(spec: SweepSpec) -> Path:
 
 
 def _step0_summary(plan: Plan, stats: dict) -> dict[str, Any]:
+    """Step-0 counts: trainings, cache hits, states the cache loaded from files, and the trials'
+    reads through the object store (``steps.parquet``), those of a state trained on another node."""
     saved = read_json(plan.sweep_dir / "step0" / "stats.json") or {}
+    rows = [r for r in read_table(plan.sweep_dir, STEPS) if r.get("step") == 0 and r.get("step0_source") == "object_store"]
     return {"trained": int(saved.get("trained", stats.get("trained", 0))),
             "trained_this_run": int(stats.get("trained", 0)) if stats else 0,
-            "reused": int(stats.get("hits", 0)), "loaded_from_files": int(stats.get("loaded", 0))}
+            "reused": int(stats.get("hits", 0)), "loaded_from_files": int(stats.get("loaded", 0)),
+            "object_store_reads": len(rows),
+            "cross_node_reads": sum(1 for r in rows if r.get("node_id") and r.get("node_id") != r.get("step0_node_id"))}
 
 
 def _closing_note(plan: Plan, state: dict) -> None:
@@ -433,8 +516,10 @@ def _closing_note(plan: Plan, state: dict) -> None:
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
     status = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no trials"
-    log(f"done in {state['wall_s']:.0f} s: {status}; step 0 trained {state['step0']['trained']} time(s) "
-        f"for {len(plan.cells)} cell(s)")
+    s0 = state["step0"]
+    log(f"done in {state['wall_s']:.0f} s: {status}; step 0 trained {s0['trained']} time(s) "
+        f"for {len(plan.cells)} cell(s), read {s0['object_store_reads']} time(s) from the object store "
+        f"({s0['cross_node_reads']} from another node), loaded {s0['loaded_from_files']} time(s) from files")
     from .export import leaderboard
 
     board = leaderboard(plan.sweep_dir)

@@ -188,6 +188,9 @@ class Plan:
 
 
 def _check_storage(storage: str) -> Path:
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:/", str(storage)):  # s3://, gs://, hdfs:// (a Path keeps one slash)
+        raise ConfigError(f"storage {storage!r} is a URI; the sweep folder must be a path every node sees: mount the "
+                          "bucket or share (NFS, gcsfuse, mountpoint-s3) and pass --storage /mnt/DIR (docs/CLUSTER.md)")
     root = Path(storage).expanduser().resolve()
     try:
         root.mkdir(parents=True, exist_ok=True)

@@ -66,6 +66,10 @@ def trial_row(meta: Mapping[str, Any], steps: list[dict], status: str, error: st
               wall_s: float | None) -> dict[str, Any]:
     """One ``trials.parquet`` row from the trial's meta data and its step rows.
 
+    ``node_ids`` are the nodes its workers ran on (all steps, all ranks; a trial restarted on
+    another node has both); ``step0_source`` / ``step0_node_id`` come from its step-0 row
+    (``trained`` or ``object_store``; the node that trained the state; the node of the cache
+    actor that owns it).
     ``status`` is ``ok`` only if every step the trial was to run finished (all of them, or
     step 1 under the first-step protocol); ``val_miou_*`` / ``miou_*`` are those of the last
     finished step (``final_step``); hyperparameters are ``param_<name>`` columns.
@@ -85,6 +89,11 @@ def trial_row(meta: Mapping[str, Any], steps: list[dict], status: str, error: st
     for k in METRIC_KEYS:
         row[k] = last.get(k)
     row["step0_trained"] = any(r.get("step") == 0 and not r.get("cached", True) for r in steps)
+    first = next((r for r in steps if r.get("step") == 0), {})
+    row["step0_source"] = first.get("step0_source")
+    row["step0_node_id"] = first.get("step0_node_id")
+    row["step0_store_node_id"] = first.get("step0_store_node_id")
+    row["node_ids"] = sorted({n for r in steps for n in (r.get("worker_node_ids") or [r.get("node_id")]) if n})
     params = {k: v for k, v in (last or (steps[-1] if steps else {})).items() if k.startswith("param_")}
     row.update(params or {f"param_{k}": v for k, v in meta.get("params", {}).items()})
     row["searched"] = sorted(meta.get("hp", {}))

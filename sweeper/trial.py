@@ -83,7 +83,9 @@ def train_worker(loop: dict) -> None:
     cfg = ExperimentConfig.from_dict(loop["config"])
     rank = ray.train.get_context().get_world_rank()
     sweep_dir, trial_id = loop["sweep_dir"], loop["trial_id"]
-    extra = {"sweep": loop["sweep"], "trial_id": trial_id, "cell": loop["cell"], "status": "ok", "error": None}
+    node_id = ray.get_runtime_context().get_node_id()
+    extra = {"sweep": loop["sweep"], "trial_id": trial_id, "cell": loop["cell"], "status": "ok", "error": None,
+             "node_id": node_id, "worker_node_ids": _gather(node_id, rank)}
     tb_dir = str(Path(sweep_dir) / "tb" / trial_id)
 
     checkpoint = ray.train.get_checkpoint()
@@ -126,12 +128,28 @@ def _broadcast(value: str, rank: int) -> str:
     return box[0]
 
 
+def _gather(value: str, rank: int) -> list[str]:
+    """Every rank's ``value``, in rank order (``[value]`` without a process group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [value]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
 def _step0(cfg: ExperimentConfig, loop: dict, rank: int, extra: dict) -> tuple[dict, dict]:
     """The step-0 state from the sweep's cache, training it (all ranks) if this trial is first.
 
     Rank 0 talks to the cache (waiting while another trial trains the key, keeping its own
     lease alive while it trains) and tells the other ranks what it decided. A READY key stays
     READY, so the other ranks then fetch the same ref.
+
+    The step-0 row records how rank 0 got the state: ``step0_source`` is ``trained`` (this
+    trial trained it) or ``object_store`` (a ``ray.get`` of the cache's ref, taking
+    ``step0_get_s``); ``step0_node_id`` is the node that trained it and ``step0_store_node_id``
+    the node of the cache actor that owns the ref (where ``ray.get`` pulls it from).
     """
     from csseg_core.engine import run_step
     from csseg_core.state import save_state, state_from_numpy, state_to_numpy
@@ -141,20 +159,28 @@ def _step0(cfg: ExperimentConfig, loop: dict, rank: int, extra: dict) -> tuple[d
     lease = Lease(cache, key0, trial_id, poll_s=loop.get("poll_s", 1.0))
     decision, ref_list, metrics0 = lease.wait() if rank == 0 else (None, None, None)
     decision = _broadcast(decision, rank)
+    store_node = ray.get(cache.node_id.remote()) if rank == 0 else None
     if decision == READY:
         if rank != 0:
             _, ref_list, metrics0 = ray.get(cache.acquire.remote(key0, trial_id))
-        state = state_from_numpy(ray.get(ref_list[0]))
+        started = time.perf_counter()
+        arrays = ray.get(ref_list[0])
+        get_s = time.perf_counter() - started
+        state = state_from_numpy(arrays)
         if rank == 0:
-            write_step_fragment(sweep_dir, trial_id, step_row(cfg, metrics0, cached=True, **extra))
+            write_step_fragment(sweep_dir, trial_id, step_row(
+                cfg, metrics0, cached=True, step0_source="object_store", step0_node_id=metrics0.get("trained_on_node"),
+                step0_store_node_id=store_node, step0_get_s=get_s, **extra))
         return state, metrics0
     try:  # collects what the sweep's one method needs (every trial of a sweep runs the same method)
         state, metrics0 = run_step(cfg, 0, None, log_dir=str(Path(sweep_dir) / "tb" / f"step0-{key0}"))
-        metrics0 = portable_metrics(metrics0)
+        metrics0 = {**portable_metrics(metrics0), "trained_on_node": extra["node_id"]}
         if rank == 0:
             save_state(state, state_path(Path(sweep_dir) / "step0", key0))
             ray.get(cache.put.remote(key0, state_to_numpy(state), metrics0, trial_id))
-            write_step_fragment(sweep_dir, trial_id, step_row(cfg, metrics0, cached=False, **extra))
+            write_step_fragment(sweep_dir, trial_id, step_row(
+                cfg, metrics0, cached=False, step0_source="trained", step0_node_id=extra["node_id"],
+                step0_store_node_id=store_node, step0_get_s=None, **extra))
     except BaseException as err:
         if rank == 0:
             write_step_fragment(sweep_dir, trial_id, step_row(

@@ -346,3 +346,23 @@ def test_final_malformed_yaml(tmp_path):
 def test_spaces_unknown_method():
     assert_user_error(invoke("spaces", "nope"), "nope")
 
+
+
+def test_sweep_dead_address_fails_fast(tmp_path):
+    """Nothing listens at --address: one error line from a TCP probe (Ray's own join retries for minutes),
+    before the sweep folder exists and without starting or joining Ray."""
+    import socket
+
+    import ray
+
+    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there now
+        sock.bind(("", 0))
+        port = sock.getsockname()[1]
+    line = assert_user_error(invoke("sweep", "voc-15-1", "--trials", "1", "--storage", tmp_path / "sweeps",
+                                    "--name", "dead", "--address", f"127.0.0.1:{port}"), "no Ray cluster listens", str(port))
+    assert "--address" in line and not (tmp_path / "sweeps" / "dead").exists()
+    assert not ray.is_initialized()
+
+
+def test_sweep_malformed_address(tmp_path):
+    assert_user_error(invoke("sweep", "voc-15-1", "--storage", tmp_path / "sweeps", "--address", "head-node"), "HOST:PORT")

@@ -434,3 +434,9 @@ def test_a_trial_tune_stopped_is_stopped_even_if_its_driver_saw_the_kill(tmp_pat
     assert merge_trial(d, "unknown")["status"] == "error"
     with pytest.raises(ValueError):
         record_end(d, "x", "stopped")
+
+
+@pytest.mark.parametrize("uri", ["s3://bucket/sweeps", "gs://bucket/sweeps", "s3:/bucket/sweeps"])
+def test_a_storage_uri_is_refused_with_the_fix(uri):
+    with pytest.raises(ConfigError, match="is a URI; the sweep folder must be a path every node sees"):
+        plan_sweep(SweepSpec(scenarios=("voc-19-1",), method="lwf", trials=1, storage=uri))
