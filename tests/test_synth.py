@@ -173,3 +173,12 @@ def test_styles_distinct_classes_and_ade(tmp_path: Path) -> None:
     assert present == set(range(151))
     with pytest.raises(ConfigError, match="style"):
         synth.generate(tmp_path / "x", "voc", style="zebra")
+
+
+def test_every_class_has_its_own_colour_voc_and_ade() -> None:
+    """The colour alone identifies a class (ADE's 150 too: 50 hues x 3 saturation/brightness
+    tiers); the embedded VOC set's looks did not change with ADE's (its folder hash neither)."""
+    for n in (20, 150):
+        colours = {tuple(np.round(synth.class_style(c, n)["rgb"], 3)) for c in range(1, n + 1)}
+        assert len(colours) == n
+    assert synth.default_params("voc")["version"] == 1

@@ -1,7 +1,7 @@
 """Synthetic segmentation data written in the real VOC / ADE20K on-disk layout.
 
 Every class has a fixed, learnable appearance (independent of the seed): a saturated
-colour (hue + brightness tier; unique per class for VOC), a texture (stripes of a
+colour (hue + saturation/brightness tier; unique per class, VOC and ADE), a texture (stripes of a
 class-specific period and orientation, or a checkerboard) and shape statistics (ellipse /
 rectangle / triangle with a class-specific size range). Backgrounds are smooth,
 low-saturation noise. Each image holds 1-3 objects; the first object's class cycles over
@@ -34,7 +34,8 @@ from csseg_core.data.io import voc_colormap
 from csseg_core.data.synth_styles import STYLES, render_style
 from csseg_core.errors import ConfigError
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = {"voc": 1, "ade": 2}
+"""Per dataset; bumped when its images change (ADE 2: one colour per class), so the default set is made again."""
 NUM_FOREGROUND = {"voc": 20, "ade": 150}
 DEFAULTS = {
     "voc": {"n_train": 1200, "n_val": 300, "size": 96},
@@ -280,7 +281,7 @@ def default_params(dataset: str = "voc") -> dict:
     """Parameters of the embedded default synthetic dataset (hashed into its folder name)."""
     if dataset not in DEFAULTS:
         raise ConfigError(f"unknown dataset {dataset!r}; valid datasets: voc, ade")
-    return {"dataset": dataset, **DEFAULTS[dataset], "seed": 0, "version": GENERATOR_VERSION}
+    return {"dataset": dataset, **DEFAULTS[dataset], "seed": 0, "version": GENERATOR_VERSION[dataset]}
 
 
 def default_target(dataset: str = "voc") -> Path:
