@@ -17,19 +17,24 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 @pytest.fixture(scope="session", name="ray_session")
 def ray_session_fixture(tmp_path_factory):
-    """A local Ray instance with 2 CPUs and no dashboard, shut down at the end of the session.
+    """A local Ray instance with 2 CPUs, shut down at the end of the session.
 
-    Its workers get a private ``CSSEG_HOME`` (filter caches) unless one is already set.
+    Its workers get a private ``CSSEG_HOME`` (filter caches) unless one is already set. Started as
+    the sweeper starts its own (``pinned_gcs_port``, with the dashboard): Ray Train frees the CPUs
+    of a trial that ASHA stopped through the dashboard's State API; without it they stay taken
+    and every later sweep of the session waits for them forever.
     """
     ray = pytest.importorskip("ray")
     if ray.is_initialized():  # another session fixture started it
         yield ray
         return
-    from sweeper.runner import train_env
+    from sweeper.runner import pinned_gcs_port, train_env
 
     home = os.environ.get("CSSEG_HOME") or str(tmp_path_factory.mktemp("ray-csseg-home"))
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
-             runtime_env={"env_vars": {"CSSEG_HOME": home, "RAY_USAGE_STATS_ENABLED": "0", **train_env()}})
+    env = {"env_vars": {"CSSEG_HOME": home, "RAY_USAGE_STATS_ENABLED": "0", **train_env()}}
+    with pinned_gcs_port(env):
+        ray.init(num_cpus=2, num_gpus=0, include_dashboard=True, dashboard_host="127.0.0.1",
+                 log_to_driver=False, logging_level="WARNING", runtime_env=env)
     yield ray
     ray.shutdown()
 
