@@ -245,6 +245,8 @@ def probe_address(address: str | None, timeout_s: float = PROBE_TIMEOUT_S) -> No
         raise ConfigError(f"Ray address {address!r} is not HOST:PORT; pass --address HOST:PORT (the head's GCS port, "
                           "6379 by default) or auto") from None
     except Exception:  # noqa: BLE001 - a private helper of Ray: fall back to the address as given
+        if target == "auto":  # e.g. "Found multiple active Ray instances": ray.init says which
+            return
         resolved = target
     if resolved is None:
         return

@@ -440,3 +440,19 @@ def test_a_trial_tune_stopped_is_stopped_even_if_its_driver_saw_the_kill(tmp_pat
 def test_a_storage_uri_is_refused_with_the_fix(uri):
     with pytest.raises(ConfigError, match="is a URI; the sweep folder must be a path every node sees"):
         plan_sweep(SweepSpec(scenarios=("voc-19-1",), method="lwf", trials=1, storage=uri))
+
+
+def test_address_auto_is_left_to_ray_when_ray_cannot_resolve_it(monkeypatch):
+    """``--address auto`` with several Ray instances on the machine: Ray's resolver raises; the
+    probe leaves it to ``ray.init`` (which names the instances) instead of calling "auto" malformed."""
+    import ray._private.services as services
+
+    from sweeper.runner import probe_address
+
+    def ambiguous(address, *args, **kwargs):
+        raise ConnectionError("Found multiple active Ray instances: {'10.0.0.1:6379', '10.0.0.2:6379'}")
+
+    monkeypatch.setattr(services, "canonicalize_bootstrap_address", ambiguous)
+    assert probe_address("auto") is None
+    with pytest.raises(ConfigError, match="is not HOST:PORT"):
+        probe_address("head-node")
