@@ -453,6 +453,23 @@ def test_bf16_autocast_trains_with_finite_float32_losses_and_states(make_cfg, st
     assert all(math.isfinite(v) for v in metrics1["losses"].values()), metrics1["losses"]
 
 
+def test_channels_last_is_the_same_computation_in_another_layout(make_cfg, step0_runs):
+    """channels_last changes how, not what, is computed: same key, same losses and metrics up to
+    rounding, and the saved weights are plain contiguous tensors whatever the layout trained in."""
+    cl, plain = make_cfg("sdr", channels_last=True), make_cfg("sdr", channels_last=False)
+    assert cl.step_key(0) == plain.step_key(0) and cl.step_key(1) == plain.step_key(1)
+    assert resolve_config(SCENARIO, "sdr", profile="paper").channels_last is False
+    runs = {c.channels_last: run_step(c, 1, step0_runs["a"][0]) for c in (cl, plain)}
+    (s_cl, m_cl), (s_plain, m_plain) = runs[True], runs[False]
+    for k, v in m_plain["losses"].items():
+        assert m_cl["losses"][k] == pytest.approx(v, rel=1e-3, abs=1e-6), k
+    assert m_cl["miou_all"] == pytest.approx(m_plain["miou_all"], abs=0.01)
+    for n, t in s_cl["model"].items():
+        assert t.is_contiguous() and torch.allclose(t, s_plain["model"][n], rtol=1e-3, atol=1e-5), n
+    conv = next(t for t in s_cl["model"].values() if t.dim() == 4)
+    assert conv.stride() == conv.contiguous().stride()
+
+
 def test_fp16_without_cuda_is_a_one_line_config_error(make_cfg):
     if torch.cuda.is_available():
         pytest.skip("fp16 autocast is available on this machine")
