@@ -37,7 +37,7 @@ from search_spaces import GridCell, to_optuna
 
 from .cache import get_cache, kill_cache
 from .live import LiveView, SweepProgress, append_worker_logs, prints_to_file, ray_output_to_file
-from .spec import TEST_PROTOCOL_NOTE, Plan, SweepSpec, plan_sweep, spec_to_dict
+from .spec import ASHA_NEEDS_DASHBOARD, TEST_PROTOCOL_NOTE, Plan, SweepSpec, plan_sweep, spec_to_dict
 from .tables import STEPS, TRIALS, merge_trial, read_json, read_table, record_end, started_trials, write_json
 from .trial import trial_driver
 
@@ -462,9 +462,8 @@ def run_sweep(spec: SweepSpec) -> Path:
             own_ray, url = init_ray(spec)
             logs_dir = _ray_logs_dir()
             logging.getLogger("ray.csseg").info(f"sweep {plan.name}: Ray session logs (worker output) in {logs_dir}")
-            if own_ray and url is None and spec.scheduler == "asha":
-                log("note: ASHA without the Ray dashboard: Ray Train frees a stopped trial's CPUs through the "
-                    "dashboard's State API, so they may stay taken and later trials wait (drop --no-dashboard)")
+            if own_ray and url is None and spec.scheduler == "asha":  # the dashboard failed to start
+                raise ConfigError(ASHA_NEEDS_DASHBOARD)
             concurrency = size_concurrency(spec, ray.cluster_resources())
             log(f"sweep {plan.name}: {len(plan.cells)} cell(s) x {spec.trials} trial(s) of {plan.method}, "
                 f"{concurrency} at once -> {plan.sweep_dir}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -38,6 +39,9 @@ from search_spaces import (
 
 METRICS = _METRICS
 SCHEDULERS = ("fifo", "asha")
+ASHA_NEEDS_DASHBOARD = ("--scheduler asha needs the Ray dashboard: Ray Train frees the CPUs of a trial ASHA stops "
+                        "through the dashboard's State API, so without it later trials wait forever; drop --no-dashboard "
+                        "(or install ray[default])")
 SPLITS = ("val", "test")
 PROTOCOLS = ("end-of-training", "first-step")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -228,6 +232,8 @@ def plan_sweep(spec: SweepSpec) -> Plan:
         metric, objectives = objectives[0], ()
     if spec.scheduler not in SCHEDULERS:
         raise ConfigError(f"unknown scheduler {spec.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
+    if spec.scheduler == "asha" and not spec.dashboard and spec.address is None and not os.environ.get("RAY_ADDRESS"):
+        raise ConfigError(ASHA_NEEDS_DASHBOARD)
     if spec.concurrency is not None and spec.concurrency < 1:
         raise ConfigError(f"concurrency must be >= 1 or unset (got {spec.concurrency})")
     if spec.workers_per_trial < 1:

@@ -48,12 +48,23 @@ def test_spec_name_is_a_hash_of_identity_not_resources(tmp_path):
     ({"overrides": {"val_fraction": 0}}, "val_fraction=0"),
     ({"overrides": {"val_fraction": 1.5}}, "val_fraction"),
     ({"only_points": True}, "only_points"),
+    ({"scheduler": "asha", "dashboard": False}, "asha needs the Ray dashboard.*drop --no-dashboard"),
 ])
-def test_spec_validation_is_one_line(tmp_path, kwargs, match):
+def test_spec_validation_is_one_line(tmp_path, monkeypatch, kwargs, match):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # asha + --no-dashboard is refused only for a Ray the sweep starts
     spec = SweepSpec(**{"scenarios": "voc-15-1", "method": "sdr", "storage": str(tmp_path), **kwargs})
     with pytest.raises(ConfigError, match=match) as err:
         plan_sweep(spec)
     assert "\n" not in str(err.value)
+
+
+def test_asha_without_dashboard_is_allowed_on_a_cluster_someone_else_started(tmp_path, monkeypatch):
+    """The dashboard is the joined cluster's business (--address or RAY_ADDRESS), not the sweep's."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    base = {"scenarios": "voc-15-1", "method": "sdr", "storage": str(tmp_path), "scheduler": "asha", "dashboard": False}
+    plan_sweep(SweepSpec(**base, address="127.0.0.1:6379"))
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    plan_sweep(SweepSpec(**base))
 
 
 def test_unwritable_storage_names_the_dir(tmp_path):
