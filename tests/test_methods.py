@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from faults import nan_loss
 
 from csseg_core import engine
 from csseg_core.config import resolve_config
@@ -301,8 +302,8 @@ def test_step1_is_deterministic_for_one_seed(step1, make_cfg, step0):
 
 @pytest.mark.parametrize(("method", "term"), [("sdr", "unce"), ("ewc", "ce")])
 def test_non_finite_loss_raises_training_error_naming_the_term(method, term, make_cfg, step0, tmp_path):
-    cfg = make_cfg(method, fault_nan_step=1)
-    with pytest.raises(TrainingError, match=rf"step 1, iteration 0: loss term '{term}' became nan"):
+    cfg = make_cfg(method)
+    with pytest.raises(TrainingError, match=rf"step 1, iteration 0: loss term '{term}' became nan"), nan_loss(method):
         run_step(cfg, 1, step0[0], log_dir=str(tmp_path / "tb"))
 
 

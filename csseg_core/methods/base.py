@@ -117,6 +117,10 @@ class Method:
     def setup(self, ctx: StepContext) -> None:
         """Adjust the freshly loaded model before training (MiB's balanced init)."""
 
+    def statistics_alpha(self) -> float:
+        """EMA factor of the Fisher statistic the steps of this method collect (EWC/RW: ``reg_alpha``)."""
+        return 0.9
+
     def classification(self, ctx: StepContext, batch: Batch, out: Output) -> dict[str, torch.Tensor]:
         return {"ce": L.cross_entropy(out.logits, batch.target)}
 

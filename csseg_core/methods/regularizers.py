@@ -36,6 +36,9 @@ class _Regularizer(Method):
     Params = RegParams
     importance_keys: tuple[str, ...] = ()
 
+    def statistics_alpha(self):
+        return self.params.reg_alpha
+
     def setup(self, ctx):
         self._importance = None
         if ctx.step == 0 or self.params.reg <= 0:
