@@ -51,6 +51,24 @@ def required_statistics(methods=(), extra=()) -> tuple[str, ...]:
     return tuple(s for s in STATISTICS if s in names)
 
 
+def weight(default: float, *, term: str | None = None):
+    """A ``Params`` field that weighs a loss term (``term``; default: the field's own name), e.g.
+    ``kd: float = weight(10.0, term="unkd")``. At 0 the method adds no such term
+    (:func:`weight_terms`; the contract tests derive what a method reduces to from these marks)."""
+    return field(default=default, metadata={"weight": True, "term": term})
+
+
+def weight_terms(name: str) -> dict[str, str]:
+    """``{hyperparameter: loss term}`` of the weights of method ``name`` (see :func:`weight`).
+
+    Example:
+        >>> weight_terms("mib")
+        {'kd': 'unkd'}
+    """
+    return {f.name: f.metadata.get("term") or f.name
+            for f in dataclasses.fields(get_method(name).Params) if f.metadata.get("weight")}
+
+
 @dataclass(frozen=True)
 class NoParams:
     """A method without hyperparameters."""
@@ -153,8 +171,8 @@ def register_method(cls: type[Method]) -> type[Method]:
 
 
 def list_methods() -> list[str]:
-    """Registered method names, in registration order."""
-    return list(_REGISTRY)
+    """Registered method names: FT (the lower bound) first, then alphabetical."""
+    return sorted(_REGISTRY, key=lambda name: (name != "ft", name))
 
 
 def canonical_method(name: str) -> str:

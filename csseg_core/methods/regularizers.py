@@ -11,12 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .. import losses as L
-from .base import Method, register_method
+from .base import Method, register_method, weight
 
 
 @dataclass(frozen=True)
 class RegParams:
-    reg: float = 1000.0
+    reg: float = weight(1000.0)
     """Weight of the penalty (reference ``reg_importance``)."""
     reg_alpha: float = 0.9
     """EMA factor of the Fisher estimate (reference ``reg_alpha``)."""
