@@ -7,8 +7,8 @@ its module: nothing here lists them. Modules named ``_*`` hold shared code and a
 import importlib
 import pkgutil
 
+from ..statistics import register_statistic, statistic_names
 from .base import (
-    STATISTICS,
     Batch,
     Method,
     Output,
@@ -37,8 +37,13 @@ def discover() -> list[str]:
 
 discover()
 
+STATISTICS = statistic_names()
+"""Statistics a step can collect (those the discovered methods registered). A step collects those
+its consumers need: the methods that will continue from its state (:func:`required_statistics`);
+``state["collected"]`` records them."""
+
 __all__ = [
     "STATISTICS", "Batch", "Method", "Output", "StepContext", "build_method", "canonical_method", "discover",
-    "get_method", "list_methods", "method_defaults", "register_method", "required_statistics", "weight",
-    "weight_terms",
+    "get_method", "list_methods", "method_defaults", "register_method", "register_statistic", "required_statistics",
+    "statistic_names", "weight", "weight_terms",
 ]

@@ -24,31 +24,19 @@ import torch
 
 from .. import losses as L
 from ..errors import ConfigError
-
-STATISTICS = ("prototypes", "fisher", "pi", "rw")
-"""Statistics a step can collect. A step collects those its consumers need: the methods that will
-continue from its state (:func:`required_statistics`); ``state["collected"]`` records them."""
-
-STATISTIC_NEEDS = {"rw": ("fisher",)}
-"""Statistics another one is computed from (RW's score uses the running Fisher)."""
+from ..statistics import closed_statistics
 
 
 def required_statistics(methods=(), extra=()) -> tuple[str, ...]:
     """The statistics a step must collect so that every method of ``methods`` can continue from
-    its state, plus ``extra`` (names from :data:`STATISTICS`), closed under
-    :data:`STATISTIC_NEEDS`, in :data:`STATISTICS` order.
+    its state, plus ``extra`` (registered statistic names), closed under what each statistic
+    needs, in registration order (:func:`csseg_core.statistics.closed_statistics`).
 
     Example:
         >>> required_statistics(["sdr", "rw"])
         ('prototypes', 'fisher', 'rw')
     """
-    names = {s for m in methods for s in get_method(m).collects} | set(extra)
-    unknown = sorted(names - set(STATISTICS))
-    if unknown:
-        raise ConfigError(f"unknown statistic {unknown[0]!r}; choose from: {', '.join(STATISTICS)}")
-    for name in list(names):
-        names.update(STATISTIC_NEEDS.get(name, ()))
-    return tuple(s for s in STATISTICS if s in names)
+    return closed_statistics({s for m in methods for s in get_method(m).collects} | set(extra))
 
 
 def weight(default: float, *, term: str | None = None):
