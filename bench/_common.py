@@ -240,15 +240,17 @@ class TreeCpu:
 def timed_run_step(cfg, step: int, prev_state, **kwargs):
     """``csseg_core.engine.run_step`` with a phase breakdown (no change to the engine).
 
-    The engine's module-level ``build_datasets``, ``build_model`` and ``evaluate`` are wrapped
-    for the duration of the call. Returns ``(state, metrics, phases)`` with phases in seconds:
+    The step plan's module-level ``build_datasets`` and ``build_model`` and the engine's
+    ``evaluate`` are wrapped for the duration of the call. Returns ``(state, metrics, phases)`` with phases in seconds:
     ``datasets``, ``model build``, ``train loop`` (from the engine's own images/s), ``evaluate``
     and ``other`` (the rest of ``run_step``'s wall time).
     """
     import csseg_core.engine as E
+    import csseg_core.plan as P
 
     phases: dict[str, float] = {}
-    originals = {n: getattr(E, n) for n in ("build_datasets", "build_model", "evaluate")}
+    owners = {"build_datasets": P, "build_model": P, "evaluate": E}
+    originals = {n: getattr(m, n) for n, m in owners.items()}
     names = {"build_datasets": "datasets", "build_model": "model build", "evaluate": "evaluate"}
 
     def wrap(name, fn):
@@ -261,13 +263,13 @@ def timed_run_step(cfg, step: int, prev_state, **kwargs):
         return inner
 
     for n, fn in originals.items():
-        setattr(E, n, wrap(n, fn))
+        setattr(owners[n], n, wrap(n, fn))
     t0 = time.perf_counter()
     try:
         state, metrics = E.run_step(cfg, step, prev_state, **kwargs)
     finally:
         for n, fn in originals.items():
-            setattr(E, n, fn)
+            setattr(owners[n], n, fn)
     wall = time.perf_counter() - t0
     ips = float(metrics.get("images_per_s") or 0.0)
     n_img = int(metrics.get("iterations", 0)) * int(cfg.batch_size)

@@ -125,8 +125,6 @@ class ExperimentConfig:
     on this 2-core CPU it trains the ``tiny`` model 1.16–1.24× faster, ResNet-50/101 1.07–1.15×,
     MobileNetV3 1.23×, ResNet-18 0.89× (BENCHMARKS.md). On in ``smoke``; off in ``paper`` and
     ``small`` (the reference's layout)."""
-    fault_nan_step: int = -1
-    """Fault injection for tests: make the loss NaN at this step (-1 = never)."""
 
     # ------------------------------------------------------------------ derived
     @property
@@ -176,7 +174,7 @@ class ExperimentConfig:
             d.pop(k)
         d["data"] = self.data_root or "synthetic"
         if step == 0:
-            for k in ("method", "params", "epochs_incremental", "lr_incremental", "fault_nan_step", "iters_incremental",
+            for k in ("method", "params", "epochs_incremental", "lr_incremental", "iters_incremental",
                       "lr_new_cls", "fix_bn_incremental"):
                 d.pop(k)
             for k in ("attraction_reduce", "grad_clip_incremental"):  # of steps > 0 (popped above when default)
@@ -185,6 +183,7 @@ class ExperimentConfig:
         else:
             d["classes"] = [list(s) for s in scenario.steps[: step + 1]]
             d["step"] = step
+            d.update(_RETIRED)  # keeps the keys of the states computed before these fields were removed
         blob = json.dumps(d, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -193,6 +192,9 @@ class ExperimentConfig:
         return f"{self.scenario}-{self.mode}-{self.method}-{self.step_key(self.num_steps - 1)[:8]}"
 
 
+_RETIRED = {"fault_nan_step": -1}
+"""Removed fields and the only value they ever had outside tests: the keys of steps > 0 still hash
+them, and a config file that names them with that value (every config.yaml written before) is read."""
 _FIELDS = {f.name: f for f in dataclasses.fields(ExperimentConfig) if f.name not in ("scenario", "method", "params")}
 _HASHED_IF_SET = {k: _FIELDS[k].default for k in ("bn_momentum", "backbone_dilation", "head_act", "pool_window",
                                                    "sdr_feature_gather", "attraction_reduce", "sync_prototypes", "amp")}
@@ -286,7 +288,7 @@ def resolve_config(scenario: str, method: str = "ft", *, profile: str = "smoke",
             values[key] = _coerce(key, value, _FIELDS[key].default)
         elif key in defaults:
             params[key] = _coerce(key, value, defaults[key])
-        elif key in ("scenario", "method"):
+        elif key in ("scenario", "method") or (key in _RETIRED and _coerce(key, value, _RETIRED[key]) == _RETIRED[key]):
             continue
         else:
             known = sorted(set(_FIELDS) | set(defaults))

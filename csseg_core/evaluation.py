@@ -6,10 +6,11 @@ import torch
 
 from .config import ExperimentConfig
 from .data import build_datasets, default_data_root
-from .engine import _device, _loader, evaluate
+from .engine import _loader, evaluate
 from .errors import ConfigError
 from .metrics import step_metrics
 from .models import build_model, load_previous
+from .plan import _device
 from .scenarios import get_scenario
 
 

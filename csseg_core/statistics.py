@@ -1,4 +1,8 @@
-"""Statistics a step collects for later steps: SDR prototypes, EWC Fisher, PI and RW scores.
+"""Statistics a step collects for later steps, and their registry.
+
+A statistic is registered (:func:`register_statistic`) by the method module that needs it: the EWC
+Fisher in ``methods/ewc.py``, PI scores in ``methods/pi.py``, RW scores in ``methods/rw.py``; SDR's
+class prototypes (:class:`Prototypes`, a generic running mean of features) here.
 
 A step collects what the methods continuing from its state need (``Method.collects``, see
 :func:`csseg_core.methods.required_statistics`): step 0 is FT for every method but still collects
@@ -18,12 +22,14 @@ prototypes are all-reduced batch by batch unless ``sync_prototypes`` is false).
 
 from __future__ import annotations
 
-from typing import Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.distributed as dist
 
 from . import losses as L
+from .errors import ConfigError
 
 
 def _all_reduce(t: torch.Tensor) -> torch.Tensor:
@@ -92,141 +98,92 @@ class Prototypes:
         return {"prototypes": protos.float().cpu(), "prototype_counts": total.cpu()}
 
 
-def _params(model) -> dict[str, torch.nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+@dataclass(frozen=True)
+class CollectorSpec:
+    """What a statistic's factory may read to build its collector for one step."""
+
+    model: Any
+    step: int
+    mode: str
+    num_classes: int
+    dim: int
+    prev: Mapping | None
+    device: Any
+    alpha: float = 0.9
+    """EMA factor of the Fisher (the method's ``statistics_alpha()``)."""
+    gather: str = "pixel"
+    sync_prototypes: bool = True
 
 
-class Fisher:
-    """EWC's empirical Fisher: ``F <- alpha * g^2 + (1 - alpha) * F`` every iteration."""
-
-    def __init__(self, model, prev: Mapping | None, alpha: float = 0.9) -> None:
-        old = (prev or {}).get("fisher") or {}
-        self.alpha = alpha
-        self.fisher = {n: old[n].clone().to(p.device) if n in old else torch.ones_like(p) for n, p in _params(model).items()}
-
-    def observe(self, features, labels) -> None:
-        pass
-
-    @torch.no_grad()
-    def after_backward(self, model) -> None:
-        pairs = [(self.fisher[n], p.grad) for n, p in _params(model).items() if p.grad is not None]
-        if pairs:
-            fisher, grads = map(list, zip(*pairs))
-            torch._foreach_mul_(fisher, 1 - self.alpha)
-            torch._foreach_addcmul_(fisher, grads, grads, value=self.alpha)
-
-    def finalize(self, model) -> dict:
-        return {"fisher": {n: f.cpu() for n, f in self.fisher.items()}}
+@dataclass(frozen=True)
+class Statistic:
+    name: str
+    build: Callable[[CollectorSpec, Mapping[str, Any]], Any]
+    """``build(spec, collectors built before it) -> collector``."""
+    needs: tuple[str, ...] = ()
 
 
-class PathIntegral:
-    """PI (synaptic intelligence): ``delta += g * (theta_prev - theta)`` each iteration; at the
-    end ``score = relu(delta / ((theta - theta_start)^2 + 1e-20)) + previous score``."""
-
-    def __init__(self, model, prev: Mapping | None) -> None:
-        params = _params(model)
-        self.start = {n: p.detach().clone() for n, p in params.items()}
-        self.last = {n: p.detach().clone() for n, p in params.items()}
-        self.delta = {n: torch.zeros_like(p) for n, p in params.items()}
-        self.old_score = (prev or {}).get("pi") or {}
-
-    def observe(self, features, labels) -> None:
-        pass
-
-    @torch.no_grad()
-    def after_backward(self, model) -> None:
-        items = [(n, p) for n, p in _params(model).items() if p.grad is not None]
-        if not items:
-            return
-        delta = [self.delta[n] for n, _ in items]
-        last = [self.last[n] for n, _ in items]
-        now = [p.detach() for _, p in items]
-        torch._foreach_sub_(last, now)  # last <- theta_prev - theta, in place (no new buffer)
-        torch._foreach_addcmul_(delta, [p.grad for _, p in items], last)
-        torch._foreach_copy_(last, now)
-
-    @torch.no_grad()
-    def finalize(self, model) -> dict:
-        out = {}
-        for n, p in _params(model).items():
-            score = torch.relu(self.delta[n] / ((p.detach() - self.start[n]) ** 2 + 1e-20))
-            if n in self.old_score:
-                score = score + self.old_score[n].to(score.device)
-            out[n] = score.cpu()
-        return {"pi": out}
+_STATISTICS: dict[str, Statistic] = {}
 
 
-class RWalk:
-    """RW (Riemannian walk): every ``interval`` iterations
-    ``score += g * (theta_tmp - theta) / (0.5 * F * (theta - theta_tmp)^2 + 1e-8)``;
-    the stored score is ``0.5 * (relu(score) + previous score)``. Needs the Fisher collector."""
+def register_statistic(name: str, build: Callable[[CollectorSpec, Mapping[str, Any]], Any], *,
+                       needs: tuple[str, ...] = ()) -> None:
+    """Register a statistic (by the method module that needs it). ``needs``: statistics it is
+    computed from, registered before it (their collectors are built and updated before its own)."""
+    if not name or name in _STATISTICS:
+        raise ValueError(f"statistic name {name!r} is empty or registered twice")
+    missing = [n for n in needs if n not in _STATISTICS]
+    if missing:
+        raise ValueError(f"statistic {name!r} needs {missing[0]!r}: register that one first")
+    _STATISTICS[name] = Statistic(name, build, tuple(needs))
 
-    def __init__(self, model, prev: Mapping | None, fisher: Fisher, interval: int = 10) -> None:
-        params = _params(model)
-        self.fisher, self.interval, self.iteration = fisher, interval, 0
-        self.tmp = {n: p.detach().clone() for n, p in params.items()}
-        self.score = {n: torch.zeros_like(p) for n, p in params.items()}
-        self.old_score = (prev or {}).get("rw") or {}
 
-    def observe(self, features, labels) -> None:
-        pass
+def statistic_names() -> tuple[str, ...]:
+    """Registered statistics, in registration order (a statistic after those it needs)."""
+    return tuple(_STATISTICS)
 
-    @torch.no_grad()
-    def after_backward(self, model) -> None:
-        self.iteration += 1
-        if self.iteration % self.interval:
-            return
-        items = [(n, p) for n, p in _params(model).items() if p.grad is not None]
-        if not items:
-            return
-        now = [p.detach() for _, p in items]
-        tmp = [self.tmp[n] for n, _ in items]
-        diff = torch._foreach_sub(now, tmp)                # theta - theta_tmp
-        den = torch._foreach_mul(diff, diff)
-        torch._foreach_mul_(den, [self.fisher.fisher[n] for n, _ in items])
-        torch._foreach_mul_(den, 0.5)
-        torch._foreach_add_(den, 1e-8)                     # 0.5 * F * diff^2 + 1e-8
-        torch._foreach_mul_(diff, [p.grad.detach() for _, p in items])
-        torch._foreach_div_(diff, den)                     # g * diff / den
-        torch._foreach_sub_([self.score[n] for n, _ in items], diff)  # score += g * (-diff) / den
-        torch._foreach_copy_(tmp, now)
 
-    def finalize(self, model) -> dict:
-        out = {}
-        for n, s in self.score.items():
-            s = torch.relu(s)
-            if n in self.old_score:
-                s = 0.5 * (s + self.old_score[n].to(s.device))
-            out[n] = s.cpu()
-        return {"rw": out}
+def closed_statistics(names) -> tuple[str, ...]:
+    """``names`` plus the statistics they need, in registration order.
+
+    Raises:
+        ConfigError: an unknown statistic.
+    """
+    names = set(names)
+    unknown = sorted(names - set(_STATISTICS))
+    if unknown:
+        raise ConfigError(f"unknown statistic {unknown[0]!r}; choose from: {', '.join(_STATISTICS)}")
+    for name in reversed(list(_STATISTICS)):  # needs are registered first: one backward pass closes the set
+        if name in names:
+            names.update(_STATISTICS[name].needs)
+    return tuple(n for n in _STATISTICS if n in names)
 
 
 def held_statistics(state: Mapping) -> frozenset[str]:
-    """The statistics (names of :data:`csseg_core.methods.STATISTICS`) a state holds:
-    ``state["collected"]``, or for states written before that key existed (and converted
-    official checkpoints) what its ``statistics`` hold."""
+    """The statistics (registered names) a state holds: ``state["collected"]``, or for states written
+    before that key existed (and converted official checkpoints) what its ``statistics`` hold."""
     if "collected" in state:
         return frozenset(state["collected"])
     stats = state.get("statistics") or {}
-    return frozenset(k for k in ("prototypes", "fisher", "pi", "rw") if k in stats)
+    return frozenset(k for k in _STATISTICS if k in stats)
 
 
 def build_collectors(names, *, model, step: int, mode: str, num_classes: int, dim: int, prev: Mapping | None, device,
                      alpha: float = 0.9, gather: str = "pixel", sync_prototypes: bool = True) -> dict:
-    """Collectors for ``names`` (a subset of :data:`csseg_core.methods.STATISTICS`; RW adds the Fisher);
-    ``gather`` and ``sync_prototypes`` configure :class:`Prototypes`."""
-    names = set(names)
-    if "rw" in names:
-        names.add("fisher")
+    """Collectors for ``names`` and the statistics they need, each after those it needs (the order
+    the engine updates them in); ``gather`` and ``sync_prototypes`` configure :class:`Prototypes`."""
+    spec = CollectorSpec(model=model, step=step, mode=mode, num_classes=num_classes, dim=dim, prev=prev,
+                         device=device, alpha=alpha, gather=gather, sync_prototypes=sync_prototypes)
     out: dict = {}
-    if "prototypes" in names:
-        has_prev = prev and "prototypes" in prev
-        out["prototypes"] = Prototypes(num_classes, dim, step, mode, prev if has_prev else None, device,
-                                       gather=gather, sync=sync_prototypes)
-    if "fisher" in names:
-        out["fisher"] = Fisher(model, prev, alpha)
-    if "pi" in names:
-        out["pi"] = PathIntegral(model, prev)
-    if "rw" in names:
-        out["rw"] = RWalk(model, prev, out["fisher"])
+    for name in closed_statistics(names):
+        out[name] = _STATISTICS[name].build(spec, out)
     return out
+
+
+def _prototypes(spec: CollectorSpec, built: Mapping[str, Any]) -> Prototypes:
+    has_prev = spec.prev and "prototypes" in spec.prev
+    return Prototypes(spec.num_classes, spec.dim, spec.step, spec.mode, spec.prev if has_prev else None, spec.device,
+                      gather=spec.gather, sync=spec.sync_prototypes)
+
+
+register_statistic("prototypes", _prototypes)  # SDR's; the other statistics are registered by their methods

@@ -1,7 +1,8 @@
 """Per-method search spaces and scenario grids, as data (backend neutral).
 
-``search_spaces/<method>.py`` holds ``SPACE`` (name -> primitive) and ``PRESET`` (the
-reference defaults, evaluated first in every sweep). Convert at the edge with
+``search_spaces/<method>.py`` holds ``SPACE`` (name -> primitive), found by the method's name
+(no module: an empty space). The preset, evaluated first in every sweep, is the method's own
+reference defaults (its ``Params``). Convert at the edge with
 :func:`to_tune` / :func:`to_optuna`; print with :func:`describe` (``csseg spaces [METHOD]``).
 
 Example:

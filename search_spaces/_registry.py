@@ -1,35 +1,37 @@
-"""Registry of the per-method search spaces (one data module per method)."""
+"""Registry of the per-method search spaces: ``search_spaces/<method>.py`` (``lwf-mc`` ->
+``lwf_mc.py``), found by name. A method without such a module has an empty space (a sweep runs
+its preset over seeds); the preset is the method's own defaults (its ``Params``)."""
 
 from __future__ import annotations
 
-import difflib
+import importlib
 from types import ModuleType
 from typing import Any
 
-from csseg_core.errors import ConfigError
+from csseg_core.methods import canonical_method, list_methods, method_defaults
 
-from . import cil, ewc, ft, ilt, lwf, lwf_mc, mib, pi, rw, sdr
 from ._primitives import Param, check_point, check_space, iter_params
 
-_MODULES: dict[str, ModuleType] = {
-    "ft": ft, "lwf": lwf, "lwf-mc": lwf_mc, "ilt": ilt, "ewc": ewc, "pi": pi, "rw": rw,
-    "mib": mib, "cil": cil, "sdr": sdr,
-}
+
+def _module(name: str) -> ModuleType | None:
+    """``search_spaces/<name>.py``, or None when the method has none."""
+    module = f"{__package__}.{name.replace('-', '_')}"
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        if err.name == module:
+            return None
+        raise
 
 
 def list_spaces() -> list[str]:
-    """Method names that have a search space (every registered method)."""
-    return list(_MODULES)
+    """Method names that have a search space (every registered method; empty for some)."""
+    return list_methods()
 
 
 def canonical(method: str) -> str:
     """Canonical method name (``MiB`` -> ``mib``, ``lwf_mc`` -> ``lwf-mc``); ConfigError if unknown."""
-    key = method.strip().lower().replace("_", "-")
-    if key not in _MODULES:
-        close = difflib.get_close_matches(key, list(_MODULES), n=3, cutoff=0.4)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise ConfigError(f"no search space for method {method!r}{hint}; choose one of: {', '.join(_MODULES)}")
-    return key
+    return canonical_method(method)
 
 
 def get_space(method: str) -> dict[str, Param]:
@@ -40,18 +42,21 @@ def get_space(method: str) -> dict[str, Param]:
         ['de', 'kd']
     """
     name = canonical(method)
-    return check_space(_MODULES[name].SPACE, where=f"search_spaces/{name}")
+    module = _module(name)
+    return check_space(getattr(module, "SPACE", {}) if module else {}, where=f"search_spaces/{name}")
 
 
 def preset(method: str) -> dict[str, Any]:
-    """The reference defaults of the searched hyperparameters (the first trial of every sweep).
+    """The reference defaults of the searched hyperparameters (the first trial of every sweep):
+    the method's ``Params`` defaults, which must lie inside the space.
 
     Example:
         >>> preset("mib")
         {'kd': 10.0}
     """
     name = canonical(method)
-    return check_point(get_space(name), _MODULES[name].PRESET, where=f"preset of {name}")
+    space, defaults = get_space(name), method_defaults(name)
+    return check_point(space, {k: defaults[k] for k in space if k in defaults}, where=f"preset of {name}")
 
 
 def describe(method: str | None = None) -> list[dict[str, str]]:

@@ -3,4 +3,3 @@
 from ._primitives import LogUniform
 
 SPACE = {"cil": LogUniform(0.1, 10)}
-PRESET = {"cil": 1.0}

@@ -3,4 +3,3 @@
 from ._primitives import LogUniform
 
 SPACE = {"kd": LogUniform(1, 100), "de": LogUniform(1, 1000)}
-PRESET = {"kd": 100.0, "de": 100.0}

@@ -3,4 +3,3 @@
 from ._primitives import LogUniform
 
 SPACE = {"icarl": LogUniform(1, 100)}
-PRESET = {"icarl": 10.0}

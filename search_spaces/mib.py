@@ -3,4 +3,3 @@
 from ._primitives import LogUniform
 
 SPACE = {"kd": LogUniform(1, 100)}
-PRESET = {"kd": 10.0}

@@ -3,4 +3,3 @@
 from ._primitives import LogUniform
 
 SPACE = {"reg": LogUniform(10, 10000)}
-PRESET = {"reg": 1000.0}

@@ -17,14 +17,3 @@ SPACE = {
     "sparsity_shrink": Choice(("exponential", "squared", "power3")),
     "sparsity_kind": Choice(("ratio", "entropy", "lasso")),
 }
-
-PRESET = {
-    "kd": 100.0,
-    "pm": 0.01,
-    "attraction": 1e-3,
-    "repulsion": 1e-3,
-    "sparsity": 1e-3,
-    "sparsity_norm": "max_maskedforclass",
-    "sparsity_shrink": "exponential",
-    "sparsity_kind": "ratio",
-}

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import yaml
+from faults import nan_loss
 from torch.utils.data import Subset
 
 from csseg_core import runner
@@ -201,7 +202,6 @@ def scenario_run(make_cfg, tmp_path_factory):
     """One run directory driven through: a NaN fault at step 1, the complete run, an identical rerun."""
     out = tmp_path_factory.mktemp("runs") / "sdr-run"
     cfg = make_cfg("sdr")
-    cfg_nan = make_cfg("sdr", fault_nan_step=1)
     rec: dict = {"cfg": cfg, "out": out}
 
     # 1. the NaN fault: step 0 finishes and is saved, step 1 fails
@@ -209,11 +209,11 @@ def scenario_run(make_cfg, tmp_path_factory):
 
     def echo_nan(line: str) -> None:
         if line.startswith("step 0:"):
-            snap["bytes"] = checkpoint_path(out, cfg_nan, 0).read_bytes()
+            snap["bytes"] = checkpoint_path(out, cfg, 0).read_bytes()
             snap["rows"] = read_rows(out / "steps.parquet")
 
-    with pytest.raises(TrainingError) as err:
-        run_scenario(cfg_nan, out, progress=False, echo=echo_nan)
+    with pytest.raises(TrainingError) as err, nan_loss("sdr", step=1):
+        run_scenario(cfg, out, progress=False, echo=echo_nan)
     rec["nan_error"] = str(err.value)
     rec["nan_snapshot"] = snap
     rec["nan_files"] = sorted(p.name for p in (out / "checkpoints").iterdir())
@@ -277,6 +277,17 @@ def test_run_scenario_writes_config_checkpoints_and_rows(scenario_run):
     for term in ("unce", "unkd", "pm", "attraction", "repulsion", "sparsity"):
         assert math.isfinite(rows[1][f"loss_{term}"]), term
     assert rows[1]["loss_unce"] == pytest.approx(r["results"][1]["losses"]["unce"])
+
+
+def test_config_written_before_the_fault_field_was_removed_still_reads(make_cfg):
+    """config.yaml files and states written while ``fault_nan_step`` was a config field (always -1
+    outside tests) still load, with the same step keys; any other value is refused."""
+    cfg = make_cfg("sdr")
+    old = {**cfg.to_dict(), "fault_nan_step": -1}
+    assert ExperimentConfig.from_dict(old) == cfg
+    assert "fault_nan_step" not in cfg.to_dict()
+    with pytest.raises(ConfigError, match="unknown key 'fault_nan_step'"):
+        ExperimentConfig.from_dict({**old, "fault_nan_step": 1})
 
 
 def test_run_scenario_metrics_and_average(scenario_run):

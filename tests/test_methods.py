@@ -12,12 +12,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from faults import nan_loss
 
 from csseg_core import engine
 from csseg_core.config import resolve_config
 from csseg_core.engine import run_step
 from csseg_core.errors import ConfigError, TrainingError
-from csseg_core.methods import STATISTICS, build_method, get_method, list_methods, method_defaults, required_statistics
+from csseg_core.methods import (
+    STATISTICS,
+    build_method,
+    get_method,
+    list_methods,
+    method_defaults,
+    required_statistics,
+    weight_terms,
+)
 from csseg_core.metrics import ConfusionMatrix
 from csseg_core.state import load_state, save_state
 
@@ -25,32 +34,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 SCENARIO = "voc-15-5"
 
-# The loss terms each method reports at step 1 (with its reference defaults).
-TERMS = {
-    "ft": {"ce"},
-    "lwf": {"ce", "kd"},
-    "lwf-mc": {"bce", "icarl"},
-    "ilt": {"ce", "kd", "de"},
-    "ewc": {"ce", "reg"},
-    "pi": {"ce", "reg"},
-    "rw": {"ce", "reg"},
-    "mib": {"unce", "unkd"},
-    "cil": {"ce", "cil"},
-    "sdr": {"unce", "unkd", "pm", "attraction", "repulsion", "sparsity"},
-}
-# Every float hyperparameter that weighs a loss term, set to 0 (and MiB's balanced init off).
-ZERO = {
-    "ft": {},
-    "lwf": {"kd": 0.0},
-    "lwf-mc": {"icarl": 0.0},
-    "ilt": {"kd": 0.0, "de": 0.0},
-    "ewc": {"reg": 0.0},
-    "pi": {"reg": 0.0},
-    "rw": {"reg": 0.0},
-    "mib": {"kd": 0.0, "init_balanced": False},
-    "cil": {"cil": 0.0},
-    "sdr": {"kd": 0.0, "pm": 0.0, "attraction": 0.0, "repulsion": 0.0, "sparsity": 0.0, "init_balanced": False},
-}
+
+
+def _zero(method: str) -> dict[str, float]:
+    """Every weight of ``method`` (the ``Params`` fields marked with ``weight``) set to 0."""
+    return {k: 0.0 for k in weight_terms(method)}
+
+
 STAT_KEYS = {"prototypes": {"prototypes", "prototype_counts"}, "fisher": {"fisher"}, "pi": {"pi"}, "rw": {"rw", "fisher"}}
 
 
@@ -123,20 +113,29 @@ def step1(step0, make_cfg):
 
 
 # ----------------------------------------------------------------------------- registry
-def test_registry_holds_the_ten_methods_and_every_one_is_covered():
-    assert list_methods() == ["ft", "lwf", "lwf-mc", "ilt", "ewc", "pi", "rw", "mib", "cil", "sdr"]
-    assert set(TERMS) == set(list_methods()) == set(ZERO)
-    for name in list_methods():  # ZERO names real hyperparameters of the method
-        assert set(ZERO[name]) <= set(method_defaults(name))
+def test_registry_lists_ft_first_and_every_weight_is_a_positive_float():
+    names = list_methods()
+    assert names[0] == "ft" and names[1:] == sorted(names[1:]) and len(set(names)) == len(names)
+    assert {"lwf", "lwf-mc", "ilt", "ewc", "pi", "rw", "mib", "cil", "sdr"} <= set(names)  # the built-in ones
+    for name in names:
+        defaults = method_defaults(name)
+        assert all(isinstance(defaults[k], float) and defaults[k] > 0 for k in weight_terms(name)), name
         assert set(get_method(name).collects) <= set(STATISTICS)
 
 
 # ----------------------------------------------------------------------------- step 1 contract
 @pytest.mark.parametrize("method", list_methods())
 def test_step1_runs_with_finite_method_terms(method, step1, step0):
+    check_step1_contract(method, step1, step0)
+
+
+def check_step1_contract(method, step1, step0):
     _, state, metrics = step1(method)
+    _, _, zero = step1(method, **_zero(method))
     losses = metrics["losses"]
-    assert set(losses) == TERMS[method]
+    # the terms: what is left at zero weights (the classification) and one per weight
+    assert set(losses) == set(zero["losses"]) | set(weight_terms(method).values())
+    assert not set(zero["losses"]) & set(weight_terms(method).values())
     assert all(math.isfinite(v) for v in losses.values()), losses
     assert metrics["iterations"] == 2 and metrics["n_train_images"] == 32
     assert metrics["step"] == 1 and 0.0 <= metrics["miou_all"] <= 1.0
@@ -186,10 +185,18 @@ def test_step0_state_holds_every_statistic(step0):
 
 
 # ----------------------------------------------------------------------------- zero weights
-@pytest.mark.parametrize("method", ["lwf", "ilt", "ewc", "pi", "rw", "cil"])
+@pytest.mark.parametrize("method", list_methods())
 def test_zero_weights_give_exactly_ft(method, step1):
+    check_zero_weights(method, step1)
+
+
+def check_zero_weights(method, step1):
+    """A method whose classification is FT's cross-entropy is FT once its weights are 0: no other term
+    is left (an unmarked weight would be). MiB and SDR (unbiased CE) and LwF-MC (BCE): see below."""
     _, ft_state, ft_metrics = step1("ft")
-    _, state, metrics = step1(method, **ZERO[method])
+    _, state, metrics = step1(method, **_zero(method))
+    if "ce" not in metrics["losses"]:
+        return
     assert set(metrics["losses"]) == {"ce"}
     assert metrics["losses"]["ce"] == ft_metrics["losses"]["ce"]
     assert _weights_equal(state["model"], ft_state["model"])
@@ -198,8 +205,8 @@ def test_zero_weights_give_exactly_ft(method, step1):
 
 def test_zero_weight_mib_equals_zero_weight_sdr_not_ft(step1):
     """MiB and SDR keep the unbiased CE by design: with every other weight at 0 they coincide."""
-    _, mib, mib_m = step1("mib", **ZERO["mib"])
-    _, sdr, sdr_m = step1("sdr", **ZERO["sdr"])
+    _, mib, mib_m = step1("mib", **_zero("mib"), init_balanced=False)
+    _, sdr, sdr_m = step1("sdr", **_zero("sdr"), init_balanced=False)
     _, ft, _ = step1("ft")
     assert set(mib_m["losses"]) == set(sdr_m["losses"]) == {"unce"}
     assert mib_m["losses"] == sdr_m["losses"]
@@ -208,7 +215,7 @@ def test_zero_weight_mib_equals_zero_weight_sdr_not_ft(step1):
 
 
 def test_zero_weight_lwf_mc_is_plain_bce(step1):
-    _, state, metrics = step1("lwf-mc", **ZERO["lwf-mc"])
+    _, state, metrics = step1("lwf-mc", **_zero("lwf-mc"))
     _, ft, _ = step1("ft")
     assert set(metrics["losses"]) == {"bce"} and math.isfinite(metrics["losses"]["bce"])
     assert not _weights_equal(state["model"], ft["model"])
@@ -279,7 +286,7 @@ def test_reference_switches_run_steps_0_and_1_with_finite_losses(make_cfg, step0
     assert torch.equal(stats["prototype_counts"], ref["statistics"]["prototype_counts"])
     assert not torch.allclose(stats["prototypes"], ref["statistics"]["prototypes"])
     _, metrics = run_step(cfg, 1, state0)
-    assert set(metrics["losses"]) == TERMS["sdr"] and metrics["iterations"] == 2
+    assert set(metrics["losses"]) == {"unce", *weight_terms("sdr").values()} and metrics["iterations"] == 2
     assert all(math.isfinite(v) for v in metrics["losses"].values()), metrics["losses"]
     assert math.isfinite(metrics["miou_all"])
     # attraction_reduce alone, from the shared step 0: the attraction term changes, the run stays finite
@@ -301,8 +308,8 @@ def test_step1_is_deterministic_for_one_seed(step1, make_cfg, step0):
 
 @pytest.mark.parametrize(("method", "term"), [("sdr", "unce"), ("ewc", "ce")])
 def test_non_finite_loss_raises_training_error_naming_the_term(method, term, make_cfg, step0, tmp_path):
-    cfg = make_cfg(method, fault_nan_step=1)
-    with pytest.raises(TrainingError, match=rf"step 1, iteration 0: loss term '{term}' became nan"):
+    cfg = make_cfg(method)
+    with pytest.raises(TrainingError, match=rf"step 1, iteration 0: loss term '{term}' became nan"), nan_loss(method):
         run_step(cfg, 1, step0[0], log_dir=str(tmp_path / "tb"))
 
 
@@ -343,3 +350,83 @@ def test_regularizer_importances_are_normalised_per_tensor(method):
     lo, hi = min(v.min() for v in table.values()), max(v.max() for v in table.values())
     one_min_max = sum(((v - lo) / (hi - lo)).sum() for v in table.values())  # one min/max over all tensors
     assert penalty > 2 * one_min_max * (2 if method == "rw" else 1)
+
+
+# ----------------------------------------------------------------------------- a new method: one module
+THROWAWAY_METHOD = '''"""A throw-away method: cross-entropy + a distillation of the old logits."""
+from dataclasses import dataclass
+
+from csseg_core import losses as L
+from csseg_core.methods.base import Method, register_method, weight
+
+
+@dataclass(frozen=True)
+class ThrowawayParams:
+    hint: float = weight(3.0, term="hint_kd")
+    temperature: float = 2.0
+
+
+@register_method
+class Throwaway(Method):
+    name = "throwaway"
+    Params = ThrowawayParams
+
+    def needs_old_model(self, step):
+        return step > 0 and self.params.hint > 0
+
+    def distillation(self, ctx, batch, out, old):
+        if self.params.hint <= 0:
+            return {}
+        return {"hint_kd": self.params.hint * L.knowledge_distillation(out.logits, old.logits, 1 / self.params.temperature)}
+'''
+THROWAWAY_SPACE = '''from search_spaces import LogUniform
+
+SPACE = {"hint": LogUniform(1, 10)}
+'''
+
+
+@pytest.fixture
+def throwaway(tmp_path, monkeypatch):
+    """``throwaway_method.py`` dropped into the methods package and ``throwaway.py`` into the search
+    spaces (folders added to the packages' paths; the repository is not touched)."""
+    import sys
+
+    import csseg_core.methods as M
+    import search_spaces as S
+    from csseg_core.methods import base
+
+    for folder, name, text in (("methods", "throwaway_method.py", THROWAWAY_METHOD),
+                               ("spaces", "throwaway.py", THROWAWAY_SPACE)):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / name).write_text(text)
+    modules = ("csseg_core.methods.throwaway_method", "search_spaces.throwaway")
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+    monkeypatch.setattr(M, "__path__", [*M.__path__, str(tmp_path / "methods")])
+    monkeypatch.setattr(S, "__path__", [*S.__path__, str(tmp_path / "spaces")])
+    assert "throwaway_method" in M.discover()
+    yield "throwaway"
+    for module in modules:
+        sys.modules.pop(module, None)
+
+
+def test_a_method_module_is_all_it_takes(throwaway, step1, step0, tmp_path):
+    from typer.testing import CliRunner
+
+    import cli
+    import search_spaces as S
+    from sweeper import SweepSpec
+    from sweeper.spec import plan_sweep
+
+    assert throwaway in list_methods() and weight_terms(throwaway) == {"hint": "hint_kd"}
+    listed = CliRunner().invoke(cli.app, ["methods"])
+    assert listed.exit_code == 0 and "throwaway" in listed.stdout and "hint=3.0" in listed.stdout
+    spaces = CliRunner().invoke(cli.app, ["spaces", "throwaway"])
+    assert spaces.exit_code == 0 and "hint" in spaces.stdout, spaces.output
+    assert S.get_space(throwaway) == {"hint": S.LogUniform(1, 10)} and S.preset(throwaway) == {"hint": 3.0}
+    plan = plan_sweep(SweepSpec(scenarios="voc-15-5", method=throwaway, storage=str(tmp_path / "sweeps")))
+    assert plan.points[0] == {"hint": 3.0}
+    # the contract tests every registered method passes
+    check_step1_contract(throwaway, step1, step0)
+    check_zero_weights(throwaway, step1)
+    _, _, metrics = step1(throwaway)
+    assert set(metrics["losses"]) == {"ce", "hint_kd"}

@@ -95,9 +95,9 @@ def test_overrides_pin_keys_and_objectives_normalise(tmp_path):
     ft = plan_sweep(SweepSpec(scenarios="voc-15-1", method="ft", storage=str(tmp_path)))
     assert ft.space == {} and ft.points == ()
     custom = plan_sweep(SweepSpec(scenarios="voc-19-1", method="lwf", storage=str(tmp_path),
-                                  space={"kd": LogUniform(1, 10), "fault_nan_step": Choice([-1, 1])},
-                                  points=[{"kd": 2.0, "fault_nan_step": 1}]))
-    assert custom.points == ({"fault_nan_step": 1, "kd": 2.0},)
+                                  space={"kd": LogUniform(1, 10), "grad_clip_incremental": Choice([0.0, 3.0])},
+                                  points=[{"kd": 2.0, "grad_clip_incremental": 0.0}]))
+    assert custom.points == ({"grad_clip_incremental": 0.0, "kd": 2.0},)
     with pytest.raises(ConfigError, match="outside"):
         plan_sweep(SweepSpec(scenarios="voc-19-1", method="lwf", storage=str(tmp_path),
                              space={"kd": LogUniform(1, 10)}, points=[{"kd": 50.0}]))

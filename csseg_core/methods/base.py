@@ -24,31 +24,37 @@ import torch
 
 from .. import losses as L
 from ..errors import ConfigError
-
-STATISTICS = ("prototypes", "fisher", "pi", "rw")
-"""Statistics a step can collect. A step collects those its consumers need: the methods that will
-continue from its state (:func:`required_statistics`); ``state["collected"]`` records them."""
-
-STATISTIC_NEEDS = {"rw": ("fisher",)}
-"""Statistics another one is computed from (RW's score uses the running Fisher)."""
+from ..statistics import closed_statistics
 
 
 def required_statistics(methods=(), extra=()) -> tuple[str, ...]:
     """The statistics a step must collect so that every method of ``methods`` can continue from
-    its state, plus ``extra`` (names from :data:`STATISTICS`), closed under
-    :data:`STATISTIC_NEEDS`, in :data:`STATISTICS` order.
+    its state, plus ``extra`` (registered statistic names), closed under what each statistic
+    needs, in registration order (:func:`csseg_core.statistics.closed_statistics`).
 
     Example:
         >>> required_statistics(["sdr", "rw"])
         ('prototypes', 'fisher', 'rw')
     """
-    names = {s for m in methods for s in get_method(m).collects} | set(extra)
-    unknown = sorted(names - set(STATISTICS))
-    if unknown:
-        raise ConfigError(f"unknown statistic {unknown[0]!r}; choose from: {', '.join(STATISTICS)}")
-    for name in list(names):
-        names.update(STATISTIC_NEEDS.get(name, ()))
-    return tuple(s for s in STATISTICS if s in names)
+    return closed_statistics({s for m in methods for s in get_method(m).collects} | set(extra))
+
+
+def weight(default: float, *, term: str | None = None):
+    """A ``Params`` field that weighs a loss term (``term``; default: the field's own name), e.g.
+    ``kd: float = weight(10.0, term="unkd")``. At 0 the method adds no such term
+    (:func:`weight_terms`; the contract tests derive what a method reduces to from these marks)."""
+    return field(default=default, metadata={"weight": True, "term": term})
+
+
+def weight_terms(name: str) -> dict[str, str]:
+    """``{hyperparameter: loss term}`` of the weights of method ``name`` (see :func:`weight`).
+
+    Example:
+        >>> weight_terms("mib")
+        {'kd': 'unkd'}
+    """
+    return {f.name: f.metadata.get("term") or f.name
+            for f in dataclasses.fields(get_method(name).Params) if f.metadata.get("weight")}
 
 
 @dataclass(frozen=True)
@@ -117,6 +123,10 @@ class Method:
     def setup(self, ctx: StepContext) -> None:
         """Adjust the freshly loaded model before training (MiB's balanced init)."""
 
+    def statistics_alpha(self) -> float:
+        """EMA factor of the Fisher statistic the steps of this method collect (EWC/RW: ``reg_alpha``)."""
+        return 0.9
+
     def classification(self, ctx: StepContext, batch: Batch, out: Output) -> dict[str, torch.Tensor]:
         return {"ce": L.cross_entropy(out.logits, batch.target)}
 
@@ -149,8 +159,8 @@ def register_method(cls: type[Method]) -> type[Method]:
 
 
 def list_methods() -> list[str]:
-    """Registered method names, in registration order."""
-    return list(_REGISTRY)
+    """Registered method names: FT (the lower bound) first, then alphabetical."""
+    return sorted(_REGISTRY, key=lambda name: (name != "ft", name))
 
 
 def canonical_method(name: str) -> str:

@@ -10,12 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .. import losses as L
-from .base import Method, register_method
+from .base import Method, register_method, weight
 
 
 @dataclass(frozen=True)
 class CILParams:
-    cil: float = 1.0
+    cil: float = weight(1.0)
     """Weight of the CIL distillation."""
     gradient_scale: float = 1.0
     """Entropy gradient scaling of the distillation (reference ``loss_CIL`` doubles as it)."""

@@ -5,14 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .. import losses as L
-from .base import Method, register_method
+from .base import Method, register_method, weight
 
 
 @dataclass(frozen=True)
 class ILTParams:
-    kd: float = 100.0
+    kd: float = weight(100.0)
     """Weight of the output distillation."""
-    de: float = 100.0
+    de: float = weight(100.0)
     """Weight of the feature distillation (MSE on the backbone output)."""
     alpha: float = 1.0
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .. import losses as L
-from .base import Method, register_method
+from .base import Method, register_method, weight
 
 
 @dataclass(frozen=True)
 class LwFParams:
-    kd: float = 100.0
+    kd: float = weight(100.0)
     """Weight of the output distillation."""
     alpha: float = 1.0
     """Multiplies the old logits before the softmax."""

@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .. import losses as L
-from .base import Method, register_method
+from .base import Method, register_method, weight
 
 
 @dataclass(frozen=True)
 class LwFMCParams:
-    icarl: float = 10.0
+    icarl: float = weight(10.0)
     """Weight of the iCaRL distillation (reference ``icarl_importance``)."""
 
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .. import losses as L
-from .base import Method, register_method
+from .base import Method, register_method, weight
 
 
 @dataclass(frozen=True)
 class MiBParams:
-    kd: float = 10.0
+    kd: float = weight(10.0, term="unkd")
     """Weight of the unbiased knowledge distillation."""
     alpha: float = 1.0
     init_balanced: bool = True

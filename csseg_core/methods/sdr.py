@@ -17,24 +17,24 @@ import torch.nn.functional as F
 
 from .. import losses as L
 from ..errors import ConfigError
-from .base import Method, register_method
+from .base import Method, register_method, weight
 from .mib import UnbiasedMixin
 
 
 @dataclass(frozen=True)
 class SDRParams:
-    kd: float = 100.0
+    kd: float = weight(100.0, term="unkd")
     """Weight of the unbiased knowledge distillation."""
     alpha: float = 1.0
-    pm: float = 0.01
+    pm: float = weight(0.01)
     """Weight of prototype matching (reference ``loss_de_prototypes``)."""
     pm_sum_after: bool = True
     """Match batch class means to prototypes (True) or every feature to its prototype."""
-    attraction: float = 1e-3
+    attraction: float = weight(1e-3)
     """Weight of the attractive contrastive term (reference ``loss_fc``)."""
-    repulsion: float = 1e-3
+    repulsion: float = weight(1e-3)
     """Weight of the repulsive contrastive term (reference ``lfc_sep_clust``)."""
-    sparsity: float = 1e-3
+    sparsity: float = weight(1e-3)
     """Weight of feature sparsity (reference ``loss_featspars``)."""
     sparsity_norm: str = "max_maskedforclass"
     sparsity_shrink: str = "exponential"

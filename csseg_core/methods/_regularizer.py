@@ -1,7 +1,8 @@
-"""EWC, PI and RW: cross-entropy + a parameter-space penalty weighted by importances that the
-previous step collected (step 0 collects them for these methods, and a shared step-0 state that
-lacks them is trained again with them, so it never silently reduces these methods to FT as in
-the reference code).
+"""What EWC, PI and RW share: cross-entropy + a parameter-space penalty weighted by importances
+that the previous step collected (step 0 collects them for these methods, and a shared step-0
+state that lacks them is trained again with them, so it never silently reduces these methods to
+FT as in the reference code). Each method is one module (``ewc.py``, ``pi.py``, ``rw.py``) that
+registers the statistic it collects.
 
 Reference preset weight 1000 (the MiB paper used 500 / 500 / 100; PLOP 100): set ``reg``.
 """
@@ -10,18 +11,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from .. import losses as L
-from .base import Method, register_method
+from .base import Method, weight
 
 
 @dataclass(frozen=True)
 class RegParams:
-    reg: float = 1000.0
+    reg: float = weight(1000.0)
     """Weight of the penalty (reference ``reg_importance``)."""
     reg_alpha: float = 0.9
     """EMA factor of the Fisher estimate (reference ``reg_alpha``)."""
     reg_normalize: bool = True
     """Min-max normalise the importances (reference: on unless ``--reg_no_normalize``)."""
+
+
+def trainable(model) -> dict[str, torch.nn.Parameter]:
+    """The parameters an importance is collected for (frozen ones have none)."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
 def _normalized(table: dict, normalize: bool) -> dict:
@@ -32,9 +40,15 @@ def _normalized(table: dict, normalize: bool) -> dict:
     return {k: L.min_max_normalize(v) for k, v in table.items()}
 
 
-class _Regularizer(Method):
+class Regularizer(Method):
+    """Cross-entropy + ``reg`` × the distance to the previous parameters, weighted by the
+    (normalised, summed) importances of ``importance_keys`` from the previous state."""
+
     Params = RegParams
     importance_keys: tuple[str, ...] = ()
+
+    def statistics_alpha(self):
+        return self.params.reg_alpha
 
     def setup(self, ctx):
         self._importance = None
@@ -53,24 +67,3 @@ class _Regularizer(Method):
             return None
         params = {n: p for n, p in ctx.model.named_parameters() if n in self._importance}
         return self.params.reg * L.ewc_penalty(params, ctx.old_params, self._importance)
-
-
-@register_method
-class EWC(_Regularizer):
-    name = "ewc"
-    collects = ("fisher",)
-    importance_keys = ("fisher",)
-
-
-@register_method
-class PI(_Regularizer):
-    name = "pi"
-    collects = ("pi",)
-    importance_keys = ("pi",)
-
-
-@register_method
-class RW(_Regularizer):
-    name = "rw"
-    collects = ("fisher", "rw")
-    importance_keys = ("fisher", "rw")
