@@ -229,7 +229,7 @@ def train(scenario: Optional[str] = typer.Argument(None, help="Scenario, e.g. vo
 
         launch(workers, cfg, out, steps, start_state, progress)
     else:
-        from csseg_core.runner import run_scenario
+        from csseg_core.scenario_run import run_scenario
 
         run_scenario(cfg, out, steps=steps, start_state=start_state, progress=progress)
     typer.echo(f"results: {out / 'steps.parquet'} | tensorboard --logdir {out / 'tensorboard'}")

@@ -345,8 +345,8 @@ def fixed_step0(cfg) -> tuple[dict, Path]:
     from csseg_core.state import load_state, save_state
 
     path = Path(os.environ["CSSEG_HOME"]) / "states" / f"bench-step0-{cfg.step_key(0)}.pt"
+    from csseg_core.collectors import held_statistics
     from csseg_core.methods import STATISTICS
-    from csseg_core.statistics import held_statistics
 
     if path.exists():
         state = load_state(path)
@@ -379,12 +379,12 @@ def seed_step0(sweep_dir: Path, cfg, state_file: Path) -> None:
 
 
 def start_ray(dashboard: bool = True, scenario: str = "voc-15-5") -> float:
-    """Start Ray exactly as ``csseg sweep`` does (``sweeper.runner.init_ray``), with ``bench/`` on
+    """Start Ray exactly as ``csseg sweep`` does (``sweeper.ray_session.init_ray``), with ``bench/`` on
     the workers' PYTHONPATH; returns the seconds ``ray.init`` took."""
     bench = str(Path(__file__).resolve().parent)
     os.environ["PYTHONPATH"] = os.pathsep.join(x for x in [str(ROOT), bench, os.environ.get("PYTHONPATH", "")] if x)
     from sweeper import SweepSpec
-    from sweeper.runner import init_ray
+    from sweeper.ray_session import init_ray
 
     t0 = time.perf_counter()
     init_ray(SweepSpec(scenarios=(scenario,), dashboard=dashboard))

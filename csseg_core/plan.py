@@ -21,13 +21,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .collectors import build_collectors
 from .config import ExperimentConfig
 from .data import build_datasets, default_data_root
 from .errors import ConfigError
 from .methods import Method, StepContext, build_method, required_statistics
 from .models import build_model, load_previous
 from .scenarios import Scenario, get_scenario
-from .statistics import build_collectors
 
 
 def seed_everything(seed: int) -> None:

@@ -112,7 +112,8 @@ def reevaluate(sweep_dir: str | os.PathLike, *, top: int, seeds: int, metric: st
 
     import ray
 
-    from .runner import init_ray, run_sweep
+    from .ray_session import init_ray
+    from .sweep import run_sweep
 
     own_ray, _ = init_ray(next(iter(specs.values())))
     try:

@@ -1,6 +1,6 @@
 """One trial = one Tune function trainable (the *driver*) that runs one Ray Train ``TorchTrainer``.
 
-Driver (:func:`trial_driver`, in the Tune trial actor; asks for no CPU, see ``runner.py``):
+Driver (:func:`trial_driver`, in the Tune trial actor; asks for no CPU, see ``sweep.py``):
 resolves the trial's config and builds ONE ``TorchTrainer`` named after the Tune trial id.
 
 Workers (:func:`train_worker`, one per DDP rank): obtain the step-0 state from the sweep's
@@ -35,7 +35,7 @@ from csseg_core.errors import first_line
 from csseg_core.metrics import ALL_METRICS
 from csseg_core.results import step_row
 
-from .cache import READY, Lease, lookup_cache, state_path
+from .step0_cache import READY, Lease, lookup_cache, state_path
 from .tables import rows_dir, tune_end, write_json, write_step_fragment
 
 SCALARS = ("step", *ALL_METRICS, "wall_s", "images_per_s")
@@ -207,7 +207,7 @@ def trial_driver(config: dict, ctx: dict) -> None:
 
     Args:
         config: the values Tune/Optuna chose (searched hyperparameters, or ``seed`` for FT).
-        ctx: the cell's constants, bound with ``tune.with_parameters`` by ``runner.py``.
+        ctx: the cell's constants, bound with ``tune.with_parameters`` by ``sweep.py``.
 
     Raises:
         TrialError: the TorchTrainer failed after its retries (one-line message).

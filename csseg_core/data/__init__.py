@@ -5,7 +5,7 @@ from the train list, see :mod:`csseg_core.data.incremental`) yielding
 ``(image 3xHxW float, label HxW long in model index space)``.
 """
 
-from csseg_core.data.cache import csseg_home, default_cache_dir
+from csseg_core.data.filter_cache import csseg_home, default_cache_dir
 from csseg_core.data.incremental import (
     DEFAULT_SPLITS,
     DEFAULT_VAL_FRACTION,
