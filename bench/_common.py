@@ -238,38 +238,18 @@ class TreeCpu:
 
 
 def timed_run_step(cfg, step: int, prev_state, **kwargs):
-    """``csseg_core.engine.run_step`` with a phase breakdown (no change to the engine).
+    """``csseg_core.engine.run_step`` with a phase breakdown (``csseg_core.engine.timed_phases``).
 
-    The step plan's module-level ``build_datasets`` and ``build_model`` and the engine's
-    ``evaluate`` are wrapped for the duration of the call. Returns ``(state, metrics, phases)`` with phases in seconds:
-    ``datasets``, ``model build``, ``train loop`` (from the engine's own images/s), ``evaluate``
-    and ``other`` (the rest of ``run_step``'s wall time).
+    Returns ``(state, metrics, phases)`` with phases in seconds: ``datasets``, ``model build``,
+    ``train loop`` (from the engine's own images/s), ``evaluate`` and ``other`` (the rest of
+    ``run_step``'s wall time).
     """
-    import csseg_core.engine as E
-    import csseg_core.plan as P
+    from csseg_core.engine import run_step, timed_phases
 
-    phases: dict[str, float] = {}
-    owners = {"build_datasets": P, "build_model": P, "evaluate": E}
-    originals = {n: getattr(m, n) for n, m in owners.items()}
-    names = {"build_datasets": "datasets", "build_model": "model build", "evaluate": "evaluate"}
-
-    def wrap(name, fn):
-        def inner(*a, **k):
-            t0 = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                phases[names[name]] = phases.get(names[name], 0.0) + time.perf_counter() - t0
-        return inner
-
-    for n, fn in originals.items():
-        setattr(owners[n], n, wrap(n, fn))
     t0 = time.perf_counter()
-    try:
-        state, metrics = E.run_step(cfg, step, prev_state, **kwargs)
-    finally:
-        for n, fn in originals.items():
-            setattr(owners[n], n, fn)
+    with timed_phases() as timed:
+        state, metrics = run_step(cfg, step, prev_state, **kwargs)
+    phases = dict(timed)
     wall = time.perf_counter() - t0
     ips = float(metrics.get("images_per_s") or 0.0)
     n_img = int(metrics.get("iterations", 0)) * int(cfg.batch_size)
@@ -361,21 +341,16 @@ def fixed_step0(cfg) -> tuple[dict, Path]:
 
 
 def seed_step0(sweep_dir: Path, cfg, state_file: Path) -> None:
-    """Put a step-0 state where a sweep's cache actor loads it (``<sweep>/step0/<key>.pt|.json``).
+    """Put a step-0 state where a sweep's cache actor loads it (``sweeper.step0_cache.seed_state``).
 
     Then no trial of that sweep trains step 0 (the cache answers "ready" from the file).
     """
     from csseg_core.state import load_state
+    from sweeper.step0_cache import seed_state, step0_dir
     from sweeper.trial import portable_metrics
 
-    d = Path(sweep_dir) / "step0"
-    d.mkdir(parents=True, exist_ok=True)
-    key = cfg.step_key(0)
-    target = d / f"{key}.pt"
-    if not target.exists():
-        target.symlink_to(Path(state_file).resolve())
     metrics = portable_metrics(load_state(state_file)["metrics"])
-    (d / f"{key}.json").write_text(json.dumps({"key": key, "metrics": metrics, "trained_by": "bench"}))
+    seed_state(step0_dir(sweep_dir), cfg.step_key(0), state_file, metrics, trained_by="bench")
 
 
 def start_ray(dashboard: bool = True, scenario: str = "voc-15-5") -> float:

@@ -39,7 +39,7 @@ from search_spaces import GridCell, to_optuna
 from .live import LiveView, SweepProgress, append_worker_logs, prints_to_file, ray_output_to_file
 from .ray_session import init_ray, log, probe_address, ray_logs_dir
 from .spec import ASHA_NEEDS_DASHBOARD, TEST_PROTOCOL_NOTE, Plan, SweepSpec, plan_sweep, spec_to_dict
-from .step0_cache import get_cache, kill_cache
+from .step0_cache import get_cache, kill_cache, step0_dir
 from .tables import STEPS, TRIALS, merge_trial, read_json, read_table, record_end, started_trials, write_json
 from .trial import trial_driver
 
@@ -306,7 +306,7 @@ def run_sweep(spec: SweepSpec) -> Path:
             concurrency = size_concurrency(spec, ray.cluster_resources())
             log(f"sweep {plan.name}: {len(plan.cells)} cell(s) x {spec.trials} trial(s) of {plan.method}, "
                 f"{concurrency} at once -> {plan.sweep_dir}")
-            get_cache(plan.name, plan.sweep_dir / "step0")
+            get_cache(plan.name, step0_dir(plan.sweep_dir))
             todo = [c for c in plan.cells if c.name not in state["cells_done"]]
             for cell in plan.cells:
                 if cell.name in state["cells_done"]:
@@ -341,7 +341,7 @@ def run_sweep(spec: SweepSpec) -> Path:
 def _step0_summary(plan: Plan, stats: dict) -> dict[str, Any]:
     """Step-0 counts: trainings, cache hits, states the cache loaded from files, and the trials'
     reads through the object store (``steps.parquet``), those of a state trained on another node."""
-    saved = read_json(plan.sweep_dir / "step0" / "stats.json") or {}
+    saved = read_json(step0_dir(plan.sweep_dir) / "stats.json") or {}
     rows = [r for r in read_table(plan.sweep_dir, STEPS) if r.get("step") == 0 and r.get("step0_source") == "object_store"]
     return {"trained": int(saved.get("trained", stats.get("trained", 0))),
             "trained_this_run": int(stats.get("trained", 0)) if stats else 0,

@@ -35,7 +35,7 @@ from csseg_core.errors import first_line
 from csseg_core.metrics import ALL_METRICS
 from csseg_core.results import step_row
 
-from .step0_cache import READY, Lease, lookup_cache, state_path
+from .step0_cache import READY, Lease, lookup_cache, state_path, step0_dir
 from .tables import rows_dir, tune_end, write_json, write_step_fragment
 
 SCALARS = ("step", *ALL_METRICS, "wall_s", "images_per_s")
@@ -176,7 +176,7 @@ def _step0(cfg: ExperimentConfig, loop: dict, rank: int, extra: dict) -> tuple[d
         state, metrics0 = run_step(cfg, 0, None, log_dir=str(Path(sweep_dir) / "tb" / f"step0-{key0}"))
         metrics0 = {**portable_metrics(metrics0), "trained_on_node": extra["node_id"]}
         if rank == 0:
-            save_state(state, state_path(Path(sweep_dir) / "step0", key0))
+            save_state(state, state_path(step0_dir(sweep_dir), key0))
             ray.get(cache.put.remote(key0, state_to_numpy(state), metrics0, trial_id))
             write_step_fragment(sweep_dir, trial_id, step_row(
                 cfg, metrics0, cached=False, step0_source="trained", step0_node_id=extra["node_id"],

@@ -23,7 +23,7 @@ from csseg_core import scenario_run as run_module
 from csseg_core.config import ExperimentConfig, resolve_config
 from csseg_core.data import build_datasets
 from csseg_core.distributed import spawn
-from csseg_core.engine import _loader, evaluate, run_step
+from csseg_core.engine import evaluate, make_loader, run_step
 from csseg_core.errors import ConfigError, TrainingError
 from csseg_core.models import build_model
 from csseg_core.results import read_rows, write_rows
@@ -161,7 +161,7 @@ def _confusions(cfg: ExperimentConfig, weights: dict) -> dict[str, torch.Tensor]
     model.load_state_dict(weights, strict=True)
     out = {}
     for name, view in _eval_views(cfg).items():
-        cm = evaluate(model, _loader(view, cfg, train=False, seed=0), 16, torch.device("cpu"))
+        cm = evaluate(model, make_loader(view, cfg, train=False, seed=0), 16, torch.device("cpu"))
         out[name] = cm.mat.clone()
     return out
 

@@ -55,7 +55,7 @@ import torch
 from torch.utils.data import Dataset
 
 from csseg_core.data import ade, filter_cache, voc
-from csseg_core.data import io as dio
+from csseg_core.data import files as dio
 from csseg_core.data.synth import default_data_root
 from csseg_core.data.transforms import EvalTransform, TrainTransform
 from csseg_core.errors import ConfigError, DataError
