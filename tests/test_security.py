@@ -8,7 +8,7 @@
   ``--step-ckpt`` print one error line) and the marker never appears; every ``torch.load``,
   ``np.load`` and YAML read in the code base is checked statically too;
 * config files never execute code: ``yaml.safe_load`` refuses ``!!python/object/apply``
-  (``cli.load_config_file`` -> ``ConfigError``; ``sweeper.load_best`` refuses it as well);
+  (``csseg_cli.runs.load_config_file`` -> ``ConfigError``; ``sweeper.load_best`` refuses it as well);
 * results are Parquet (data only, no pickled pandas metadata), index lists are read with
   ``allow_pickle=False``.
 """
@@ -27,10 +27,11 @@ import torch
 from typer.testing import CliRunner
 
 import cli
+from csseg_cli.runs import load_config_file
 from csseg_core.errors import ConfigError, CssegError, DataError
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = sorted(p for d in ("csseg_core", "sweeper", "search_spaces") for p in (ROOT / d).rglob("*.py")) + [ROOT / "cli.py"]
+SOURCES = sorted(p for d in ("csseg_cli", "csseg_core", "sweeper", "search_spaces") for p in (ROOT / d).rglob("*.py")) + [ROOT / "cli.py"]
 
 
 # ---------------------------------------------------------------------------- payloads
@@ -249,7 +250,7 @@ def test_config_file_never_executes_code(tmp_path):
         path = tmp_path / f"evil{i}.yaml"
         path.write_text(text)
         with pytest.raises(ConfigError):
-            cli.load_config_file(path, None, None)
+            load_config_file(path, None, None)
     assert not marker.exists()
 
 
