@@ -1,7 +1,8 @@
 """The packages' surface (issue 14 item 4): what other packages import from ``csseg_core`` is declared
 in ``csseg_core.__all__`` and public; module names say one job and shadow nothing; no module is long.
 
-Read from the files alone (AST), so it runs in milliseconds and imports nothing.
+The first checks read the files alone (AST); the last two try the public hooks bench/ uses instead of
+patching engine globals and writing the step-0 cache's files itself.
 """
 
 from __future__ import annotations
@@ -67,3 +68,30 @@ def test_no_module_shadows_the_standard_library_or_reuses_another_modules_name()
 def test_no_module_is_over_400_lines():
     long = {str(p.relative_to(ROOT)): n for p in PRODUCT if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long
+
+
+def test_timed_phases_times_the_plan_and_engine_functions_and_restores_them():
+    import csseg_core.engine as E
+    import csseg_core.plan as P
+
+    originals = (P.build_datasets, P.build_model, E.evaluate)
+    with E.timed_phases() as phases:
+        assert (P.build_datasets, P.build_model, E.evaluate) != originals
+        P.build_model("tiny", (2,), pretrained=None)
+    assert (P.build_datasets, P.build_model, E.evaluate) == originals
+    assert set(phases) == {"model build"} and phases["model build"] > 0
+
+
+def test_seed_state_puts_a_step0_state_where_the_cache_loads_it(tmp_path):
+    import json
+
+    import pytest
+
+    step0_cache = pytest.importorskip("sweeper.step0_cache")
+    state = tmp_path / "s.pt"
+    state.write_bytes(b"state")
+    root = step0_cache.step0_dir(tmp_path / "sweep")
+    step0_cache.seed_state(root, "k0", state, {"miou_all": 0.5}, trained_by="bench")
+    assert step0_cache.state_path(root, "k0").read_bytes() == b"state"
+    meta = json.loads(step0_cache.meta_path(root, "k0").read_text())
+    assert meta == {"key": "k0", "metrics": {"miou_all": 0.5}, "trained_by": "bench"}
