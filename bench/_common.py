@@ -1,8 +1,7 @@
 """Shared helpers of the benchmark scripts (no Ray, no torch at import time).
 
-* :func:`machine` / :func:`versions`: what a row of ``BENCHMARKS.md`` says about the box;
-* :func:`wait_for_load`: wait (poll every 30 s, up to 15 min) for a quiet shared machine;
-* :class:`CpuMeter`: CPU utilisation from ``/proc/stat`` deltas (psutil when available);
+* :mod:`_machine` (re-exported): :func:`machine` / :func:`versions`, :func:`wait_for_load`,
+  :class:`CpuMeter` and :class:`TreeCpu`;
 * :func:`print_table` (rich) and :func:`append_row` (a dated line appended to ``BENCHMARKS.md``);
 * :func:`bench_home`: a private ``$CSSEG_HOME`` for the benchmarks (synthetic data + filter
   caches), so they never touch the user's cache nor race with other jobs' files.
@@ -14,7 +13,6 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -38,238 +36,22 @@ of every comparison measured in the same run. `load` is the 1-minute load averag
 """
 
 
-# --------------------------------------------------------------------------- machine
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine() -> str:
-    """``2 cpu AMD EPYC, 23 GiB, no GPU`` (GPU name when torch sees one)."""
-    mem = ""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                mem = f", {int(line.split()[1]) / 2**20:.0f} GiB"
-    except OSError:
-        pass
-    gpu = "no GPU"
-    if "torch" in sys.modules:
-        torch = sys.modules["torch"]
-        if torch.cuda.is_available():
-            gpu = torch.cuda.get_device_name(0)
-    return f"{os.cpu_count()} cpu {cpu_model()}{mem}, {gpu}"
-
-
-def versions(*names: str) -> str:
-    """``torch 2.14.1, ray 2.60.0`` for the given distributions (installed metadata, no import)."""
-    from importlib import metadata
-
-    out = []
-    for name in names or ("torch", "ray"):
-        try:
-            out.append(f"{name} {metadata.version(name)}")
-        except metadata.PackageNotFoundError:
-            out.append(f"{name} -")
-    return ", ".join(out)
-
-
-def loadavg() -> float:
-    """1-minute load average."""
-    try:
-        return float(Path("/proc/loadavg").read_text().split()[0])
-    except OSError:
-        return os.getloadavg()[0]
-
-
-def wait_for_load(limit: float = 2.5, *, poll_s: float = 30.0, max_wait_s: float = 900.0, enabled: bool = True) -> float:
-    """Wait until the 1-minute load is below ``limit`` (polling), at most ``max_wait_s``.
-
-    Returns the load when the benchmark starts (it starts anyway after ``max_wait_s``: the row
-    records the load, so a noisy figure is visible as such).
-    """
-    load = loadavg()
-    if not enabled:
-        return load
-    waited = 0.0
-    while load >= limit and waited < max_wait_s:
-        print(f"[bench] load {load:.2f} >= {limit}; waiting ({waited:.0f}/{max_wait_s:.0f} s)", flush=True)
-        time.sleep(poll_s)
-        waited += poll_s
-        load = loadavg()
-    if load >= limit:
-        print(f"[bench] load still {load:.2f} after {max_wait_s:.0f} s: starting anyway", flush=True)
-    return load
-
-
-# --------------------------------------------------------------------------- CPU utilisation
-def _proc_stat() -> tuple[float, float]:
-    """(busy, total) jiffies of all CPUs together."""
-    fields = [float(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
-    total = sum(fields[:8])  # guest time is already counted in user/nice
-    return total - idle, total
-
-
-def import_psutil():
-    """psutil, or the copy Ray vendors in ``ray/thirdparty_files`` (importable once ray is); None."""
-    import importlib
-
-    for first in (None, "ray"):  # importing ray puts ray/thirdparty_files on sys.path
-        try:
-            if first:
-                importlib.import_module(first)
-            return importlib.import_module("psutil")
-        except ImportError:
-            continue
-    return None
-
-
-class CpuMeter:
-    """Whole-machine CPU utilisation between ``start()`` and ``stop()`` (0..1 of all cores).
-
-    Note: on a shared machine this counts other users' processes too; :attr:`own` is the
-    CPU time of this process and its children (``os.times``; children only once they are
-    reaped, so Ray workers are not in it) and is reported for reference only.
-    """
-
-    def start(self) -> "CpuMeter":
-        self._busy0, self._total0 = _proc_stat()
-        self._t0 = time.perf_counter()
-        return self
-
-    def stop(self) -> dict[str, float]:
-        busy1, total1 = _proc_stat()
-        wall = time.perf_counter() - self._t0
-        total = max(total1 - self._total0, 1e-9)
-        return {"cpu_util": (busy1 - self._busy0) / total, "wall_s": wall}
-
-
-def _proc_name(proc) -> str:
-    """``ray::RayTrainWorker`` / ``raylet`` / ``python bench/x.py`` -> a short, groupable name."""
-    try:
-        cmd = proc.cmdline()
-    except Exception:  # noqa: BLE001
-        cmd = []
-    if cmd and cmd[0].startswith("ray::"):
-        return cmd[0].split(".")[0].split(":")[-1] or cmd[0]  # ray::TrainController.run -> TrainController
-    if cmd:
-        exe = os.path.basename(cmd[0])
-        for part in cmd[1:3]:
-            if part.endswith(".py"):
-                return f"{exe} {os.path.basename(part)}"
-        return exe
-    try:
-        return proc.name()
-    except Exception:  # noqa: BLE001
-        return "?"
-
-
-class TreeCpu:
-    """CPU time used by this process and all its descendants (Ray's raylet, workers, ...).
-
-    A background thread samples ``psutil`` every ``interval`` seconds and keeps the last CPU
-    time of every pid it saw, so processes that exit between samples lose at most one
-    interval. ``stop()`` returns ``tree_cpu_util`` = CPU seconds / (wall × cpu count), the share
-    of the machine this benchmark used, unlike ``/proc/stat`` which counts every user.
-    Without psutil it returns NaN.
-    """
-
-    def __init__(self, interval: float = 0.5) -> None:
-        self.interval = interval
-        self._seen: dict[tuple[int, float], float] = {}
-        self._names: dict[tuple[int, float], str] = {}
-        self._stop = None
-        self._thread = None
-
-    def _sample(self) -> None:
-        psutil = import_psutil()
-        me = psutil.Process()
-        for proc in [me, *me.children(recursive=True)]:
-            try:
-                key = (proc.pid, proc.create_time())
-                t = proc.cpu_times()
-                self._seen[key] = t.user + t.system
-                name = _proc_name(proc)  # Ray workers start as setup_worker.py, then become ray::<Actor>
-                if key not in self._names or not name.endswith("setup_worker.py"):
-                    self._names[key] = name
-            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                pass
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._sample()
-
-    def start(self) -> "TreeCpu":
-        import threading
-
-        if import_psutil() is None:
-            return self
-        self._sample()
-        self._base = dict(self._seen)
-        self._t0 = time.perf_counter()
-        self._proc = CpuMeter().start()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> dict[str, float]:
-        if self._thread is None:
-            return {"tree_cpu_s": float("nan"), "tree_cpu_util": float("nan"), "machine_cpu_util": float("nan")}
-        self._stop.set()
-        self._thread.join()
-        self._sample()
-        wall = time.perf_counter() - self._t0
-        used = sum(v - self._base.get(k, 0.0) for k, v in self._seen.items())
-        machine_util = self._proc.stop()["cpu_util"]
-        by_name: dict[str, float] = {}
-        for k, v in self._seen.items():
-            name = self._names.get(k, "?")
-            by_name[name] = by_name.get(name, 0.0) + v - self._base.get(k, 0.0)
-        return {"tree_cpu_s": used, "tree_cpu_util": used / (wall * (os.cpu_count() or 1)),
-                "machine_cpu_util": machine_util, "cpu_wall_s": wall,
-                "cpu_s_by_process": dict(sorted(by_name.items(), key=lambda kv: -kv[1]))}
+from _machine import CpuMeter, TreeCpu, cpu_model, import_psutil, loadavg, machine, versions, wait_for_load  # noqa: E402,F401
 
 
 def timed_run_step(cfg, step: int, prev_state, **kwargs):
-    """``csseg_core.engine.run_step`` with a phase breakdown (no change to the engine).
+    """``csseg_core.engine.run_step`` with a phase breakdown (``csseg_core.engine.timed_phases``).
 
-    The step plan's module-level ``build_datasets`` and ``build_model`` and the engine's
-    ``evaluate`` are wrapped for the duration of the call. Returns ``(state, metrics, phases)`` with phases in seconds:
-    ``datasets``, ``model build``, ``train loop`` (from the engine's own images/s), ``evaluate``
-    and ``other`` (the rest of ``run_step``'s wall time).
+    Returns ``(state, metrics, phases)`` with phases in seconds: ``datasets``, ``model build``,
+    ``train loop`` (from the engine's own images/s), ``evaluate`` and ``other`` (the rest of
+    ``run_step``'s wall time).
     """
-    import csseg_core.engine as E
-    import csseg_core.plan as P
+    from csseg_core.engine import run_step, timed_phases
 
-    phases: dict[str, float] = {}
-    owners = {"build_datasets": P, "build_model": P, "evaluate": E}
-    originals = {n: getattr(m, n) for n, m in owners.items()}
-    names = {"build_datasets": "datasets", "build_model": "model build", "evaluate": "evaluate"}
-
-    def wrap(name, fn):
-        def inner(*a, **k):
-            t0 = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                phases[names[name]] = phases.get(names[name], 0.0) + time.perf_counter() - t0
-        return inner
-
-    for n, fn in originals.items():
-        setattr(owners[n], n, wrap(n, fn))
     t0 = time.perf_counter()
-    try:
-        state, metrics = E.run_step(cfg, step, prev_state, **kwargs)
-    finally:
-        for n, fn in originals.items():
-            setattr(owners[n], n, fn)
+    with timed_phases() as timed:
+        state, metrics = run_step(cfg, step, prev_state, **kwargs)
+    phases = dict(timed)
     wall = time.perf_counter() - t0
     ips = float(metrics.get("images_per_s") or 0.0)
     n_img = int(metrics.get("iterations", 0)) * int(cfg.batch_size)
@@ -345,8 +127,8 @@ def fixed_step0(cfg) -> tuple[dict, Path]:
     from csseg_core.state import load_state, save_state
 
     path = Path(os.environ["CSSEG_HOME"]) / "states" / f"bench-step0-{cfg.step_key(0)}.pt"
+    from csseg_core.collectors import held_statistics
     from csseg_core.methods import STATISTICS
-    from csseg_core.statistics import held_statistics
 
     if path.exists():
         state = load_state(path)
@@ -361,30 +143,25 @@ def fixed_step0(cfg) -> tuple[dict, Path]:
 
 
 def seed_step0(sweep_dir: Path, cfg, state_file: Path) -> None:
-    """Put a step-0 state where a sweep's cache actor loads it (``<sweep>/step0/<key>.pt|.json``).
+    """Put a step-0 state where a sweep's cache actor loads it (``sweeper.step0_cache.seed_state``).
 
     Then no trial of that sweep trains step 0 (the cache answers "ready" from the file).
     """
     from csseg_core.state import load_state
+    from sweeper.step0_cache import seed_state, step0_dir
     from sweeper.trial import portable_metrics
 
-    d = Path(sweep_dir) / "step0"
-    d.mkdir(parents=True, exist_ok=True)
-    key = cfg.step_key(0)
-    target = d / f"{key}.pt"
-    if not target.exists():
-        target.symlink_to(Path(state_file).resolve())
     metrics = portable_metrics(load_state(state_file)["metrics"])
-    (d / f"{key}.json").write_text(json.dumps({"key": key, "metrics": metrics, "trained_by": "bench"}))
+    seed_state(step0_dir(sweep_dir), cfg.step_key(0), state_file, metrics, trained_by="bench")
 
 
 def start_ray(dashboard: bool = True, scenario: str = "voc-15-5") -> float:
-    """Start Ray exactly as ``csseg sweep`` does (``sweeper.runner.init_ray``), with ``bench/`` on
+    """Start Ray exactly as ``csseg sweep`` does (``sweeper.ray_session.init_ray``), with ``bench/`` on
     the workers' PYTHONPATH; returns the seconds ``ray.init`` took."""
     bench = str(Path(__file__).resolve().parent)
     os.environ["PYTHONPATH"] = os.pathsep.join(x for x in [str(ROOT), bench, os.environ.get("PYTHONPATH", "")] if x)
     from sweeper import SweepSpec
-    from sweeper.runner import init_ray
+    from sweeper.ray_session import init_ray
 
     t0 = time.perf_counter()
     init_ray(SweepSpec(scenarios=(scenario,), dashboard=dashboard))

@@ -6,7 +6,7 @@
 
 For each profile, on step 0 of ``--scenario`` (the largest training view):
 
-* **loader**: iterate the DataLoader the engine builds (``csseg_core.engine._loader`` on
+* **loader**: iterate the DataLoader the engine builds (``csseg_core.engine.make_loader`` on
   ``build_datasets(...)["train"]``, the profile's batch size, ``num_workers`` and image cache)
   for ``--loader-batches`` batches, after one warm-up batch (worker start-up and the first
   decode are reported apart);
@@ -40,7 +40,7 @@ def measure_profile(profile: str, scenario: str, loader_batches: int, model_batc
 
     from csseg_core.config import resolve_config
     from csseg_core.data import build_datasets, default_data_root
-    from csseg_core.engine import _loader, seed_everything
+    from csseg_core.engine import make_loader, seed_everything
     from csseg_core.models import build_model
     from csseg_core.scenarios import get_scenario
 
@@ -53,7 +53,7 @@ def measure_profile(profile: str, scenario: str, loader_batches: int, model_batc
     ds = build_datasets(sc.dataset, root, sc, cfg.mode, 0, crop_size=cfg.crop_size, crop_val=cfg.crop_val,
                         splits=("train",), cache_images=cfg.cache_images)["train"]
     build_s = time.perf_counter() - t0
-    loader = _loader(ds, cfg, train=True, seed=0)
+    loader = make_loader(ds, cfg, train=True, seed=0)
 
     # ---------------------------------------------------------------- loader alone
     n_img, n_batches, first_s = 0, 0, None

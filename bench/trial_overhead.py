@@ -12,7 +12,7 @@ all three):
 * **bare**: ``csseg_core.engine.run_step`` in this process, torch limited to the threads a
   1-CPU Ray worker gets (Ray sets ``OMP_NUM_THREADS=1``), so the comparison isolates Ray;
 * **trial**: launched the way ``sweeper/trial.py`` does: a Tune function trainable (the
-  driver, ``sweeper.runner.DRIVER_RESOURCES``) that runs one ``TorchTrainer`` (1 worker, 1 CPU,
+  driver, ``sweeper.sweep.DRIVER_RESOURCES``) that runs one ``TorchTrainer`` (1 worker, 1 CPU,
   ``TuneReportCallback``, a checkpoint reported after the step); the worker ``ray.get``s the
   step-0 state from the object store and runs the same ``run_step``. Every phase is timed
   with ``time.perf_counter`` in the process where it happens, and stitched together with
@@ -133,7 +133,7 @@ def run_trial(cfg, step: int, state0: dict, tmp: Path) -> dict:
     from ray import tune
 
     from csseg_core.state import state_to_numpy
-    from sweeper.runner import DRIVER_RESOURCES
+    from sweeper.sweep import DRIVER_RESOURCES
 
     ref = ray.put(state_to_numpy(state0))  # owned by this process, alive for the whole trial
     ctx = {"loop": {"config": cfg.to_dict(), "step": step, "ref": [ref]}, "storage": str(tmp / "train"),

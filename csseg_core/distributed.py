@@ -40,7 +40,7 @@ def spawn(world: int, fn, *args) -> None:
 
 
 def _run(cfg, out, steps, start_state, progress) -> None:
-    from .runner import run_scenario
+    from .scenario_run import run_scenario
 
     run_scenario(cfg, out, steps=steps, start_state=start_state, progress=progress and dist.get_rank() == 0,
                  echo=print if dist.get_rank() == 0 else (lambda s: None))

@@ -20,10 +20,12 @@ starts no process itself and never imports Ray.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -35,11 +37,11 @@ from .config import ExperimentConfig
 from .errors import TrainingError
 from .methods import Batch, Output
 from .metrics import METRICS, STEP_KINDS, ConfusionMatrix, step_metrics
-from .plan import StepPlan, autocast, dist_info, plan_step, seed_everything
+from .plan import StepPlan, autocast, default_device, dist_info, plan_step, seed_everything
 from .tensorboard import StepLogger
 
-__all__ = ["ShardSampler", "StepPlan", "Tally", "autocast", "dist_info", "evaluate", "plan_step", "run_step",
-           "seed_everything", "train_iteration", "train_one_epoch"]
+__all__ = ["ShardSampler", "StepPlan", "Tally", "autocast", "default_device", "dist_info", "evaluate", "make_loader",
+           "plan_step", "run_step", "seed_everything", "timed_phases", "train_iteration", "train_one_epoch"]
 
 
 class ShardSampler(torch.utils.data.Sampler):
@@ -56,8 +58,11 @@ class ShardSampler(torch.utils.data.Sampler):
         return len(self.indices)
 
 
-def _loader(dataset, cfg: ExperimentConfig, *, train: bool, seed: int) -> DataLoader:
-    """The training loader keeps its worker processes for every epoch (``persistent_workers``):
+def make_loader(dataset, cfg: ExperimentConfig, *, train: bool, seed: int) -> DataLoader:
+    """The DataLoader a step uses on ``dataset``: sharded under DDP, shuffled by ``seed`` when ``train``,
+    ``cfg.batch_size`` images a batch (the global batch; one image when evaluating uncropped).
+
+    The training loader keeps its worker processes for every epoch (``persistent_workers``):
     they are forked once, before the statistics buffers exist (see :func:`run_step`), so the
     parent's writes to those buffers never copy-on-write fault against a freshly forked worker."""
     rank, world = dist_info()
@@ -198,7 +203,7 @@ def _evaluate_splits(plan: StepPlan, prev_state: dict | None) -> tuple[dict[str,
     histories: dict[str, list[float]] = {}
     for split, prefix in (("val", "val_"), ("test", "")):
         if split in plan.datasets:
-            cm = evaluate(plan.model, _loader(plan.datasets[split], plan.cfg, train=False, seed=0), plan.num_classes,
+            cm = evaluate(plan.model, make_loader(plan.datasets[split], plan.cfg, train=False, seed=0), plan.num_classes,
                           plan.device, plan.cfg.amp)
             m = step_metrics(cm, plan.classes[0])
         else:  # val_fraction=0: no validation split
@@ -232,7 +237,7 @@ def run_step(cfg: ExperimentConfig, step: int, prev_state: dict | None = None, *
     started = time.perf_counter()
     plan = plan_step(cfg, step, prev_state, collect)
     rank = dist_info()[0]
-    loader = _loader(plan.datasets["train"], cfg, train=True, seed=cfg.seed + step)
+    loader = make_loader(plan.datasets["train"], cfg, train=True, seed=cfg.seed + step)
     # fork the loader's workers (kept for every epoch) before the statistics allocate their buffers
     first = iter(loader) if cfg.num_workers > 0 else None
     plan.ctx.collectors = plan.build_collectors()
@@ -270,3 +275,43 @@ def run_step(cfg: ExperimentConfig, step: int, prev_state: dict | None = None, *
         "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, list, dict))},
     }
     return state, metrics
+
+
+#: what :func:`timed_phases` times: (module, function) -> phase name
+_PHASES = {(".plan", "build_datasets"): "datasets", (".plan", "build_model"): "model build",
+           (".engine", "evaluate"): "evaluate"}
+
+
+@contextlib.contextmanager
+def timed_phases() -> Iterator[dict[str, float]]:
+    """Seconds the :func:`run_step` calls inside the block spend per phase, for benchmarks.
+
+    Yields a dict filled as the steps run: ``datasets`` (``build_datasets``), ``model build``
+    (``build_model``, student and teacher) and ``evaluate`` (every split), summed over calls. The
+    functions the step plan and the engine call are wrapped for the duration of the block and
+    restored after it (not thread-safe; nothing else about the step changes)::
+
+        with timed_phases() as phases:
+            state, metrics = run_step(cfg, 1, state)
+        print(phases["evaluate"])
+    """
+    phases: dict[str, float] = {}
+    modules = {(mod, name): importlib.import_module(mod, __package__) for mod, name in _PHASES}
+    originals = {key: getattr(module, key[1]) for key, module in modules.items()}
+
+    def timed(key, fn):
+        def inner(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                phases[_PHASES[key]] = phases.get(_PHASES[key], 0.0) + time.perf_counter() - t0
+        return inner
+
+    for key, fn in originals.items():
+        setattr(modules[key], key[1], timed(key, fn))
+    try:
+        yield phases
+    finally:
+        for key, fn in originals.items():
+            setattr(modules[key], key[1], fn)

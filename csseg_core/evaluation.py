@@ -6,11 +6,10 @@ import torch
 
 from .config import ExperimentConfig
 from .data import build_datasets, default_data_root
-from .engine import _loader, evaluate
+from .engine import default_device, evaluate, make_loader
 from .errors import ConfigError
 from .metrics import step_metrics
 from .models import build_model, load_previous
-from .plan import _device
 from .scenarios import get_scenario
 
 
@@ -32,10 +31,10 @@ def evaluate_state(state: dict, *, data_root: str | None = None, crop_val: bool 
                               cache_images=False, val_fraction=cfg.val_fraction)
     model = build_model(cfg.backbone, classes, pretrained=None, **cfg.model_kwargs())
     load_previous(model, state["model"])  # same-step state; ConfigError when the weights do not fit
-    device = _device()
+    device = default_device()
     model.to(device)
     with torch.no_grad():
-        cm = evaluate(model, _loader(datasets[split], cfg, train=False, seed=0), sum(classes), device, cfg.amp)
+        cm = evaluate(model, make_loader(datasets[split], cfg, train=False, seed=0), sum(classes), device, cfg.amp)
     metrics = step_metrics(cm, classes[0])
     metrics["step"] = step
     metrics["class_names"] = list(scenario.class_names())[: sum(classes)]

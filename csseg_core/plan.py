@@ -21,13 +21,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .collectors import build_collectors
 from .config import ExperimentConfig
 from .data import build_datasets, default_data_root
 from .errors import ConfigError
 from .methods import Method, StepContext, build_method, required_statistics
 from .models import build_model, load_previous
 from .scenarios import Scenario, get_scenario
-from .statistics import build_collectors
 
 
 def seed_everything(seed: int) -> None:
@@ -44,7 +44,8 @@ def dist_info() -> tuple[int, int]:
     return 0, 1
 
 
-def _device() -> torch.device:
+def default_device() -> torch.device:
+    """This process's device: the current CUDA device when there is one, else the CPU."""
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -166,7 +167,7 @@ def plan_step(cfg: ExperimentConfig, step: int, prev_state: dict | None = None, 
     incremental = step > 0
     collect = required_statistics([cfg.method], collect)
     rank, world = dist_info()
-    device = _device()
+    device = default_device()
     autocast(cfg.amp, device)  # fails early for fp16 without CUDA
     seed_everything(cfg.seed + 1000 * step + rank)
 

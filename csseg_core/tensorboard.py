@@ -14,7 +14,7 @@ import math
 import numpy as np
 import torch
 
-from .data.io import voc_colormap
+from .data.files import voc_colormap
 from .metrics import METRICS, format_percent
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)

@@ -20,9 +20,9 @@ from .spec import METRICS, PROTOCOLS, SCHEDULERS, Plan, SweepSpec, metric_name, 
 def __getattr__(name: str):
     # Ray is imported only when a sweep runs: reading results stays fast.
     if name in ("run_sweep", "size_concurrency"):
-        from . import runner
+        from . import sweep
 
-        return getattr(runner, name)
+        return getattr(sweep, name)
     raise AttributeError(f"module 'sweeper' has no attribute {name!r}")
 
 __all__ = [

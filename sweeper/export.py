@@ -251,7 +251,7 @@ def run_final(best_yaml: str | os.PathLike, seeds: int | Sequence[int] = 3, *, o
         same configuration replaces its row, another configuration adds one).
     """
     from csseg_core.results import append_rows, read_rows
-    from csseg_core.runner import run_scenario
+    from csseg_core.scenario_run import run_scenario
     from csseg_core.scenarios import get_scenario
 
     from .reeval import mean_std

@@ -9,7 +9,7 @@ pipes), :class:`LiveView` prints plain lines instead: one per finished trial and
 progress line per :data:`PLAIN_EVERY_S`.
 
 :func:`ray_output_to_file` sends the Python loggers of Ray, Tune and Optuna (and ``warnings``)
-to ``<sweep>/sweep.log``; ``runner.py`` also starts Ray with ``log_to_driver=False`` and Tune
+to ``<sweep>/sweep.log``; ``ray_session.py`` also starts Ray with ``log_to_driver=False`` and Tune
 with ``verbose=0``, so worker prints stay in Ray's session logs, whose path is written to
 ``sweep.log`` and whose worker outputs are appended to it when the sweep started Ray itself.
 ``SweepSpec.verbose >= 1`` (``csseg sweep --verbose``) keeps Ray's own console output instead.

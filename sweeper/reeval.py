@@ -112,14 +112,16 @@ def reevaluate(sweep_dir: str | os.PathLike, *, top: int, seeds: int, metric: st
 
     import ray
 
-    from .runner import init_ray, run_sweep
+    from .ray_session import init_ray
+    from .step0_cache import step0_dir
+    from .sweep import run_sweep
 
     own_ray, _ = init_ray(next(iter(specs.values())))
     try:
         out = []
         for cell, spec in specs.items():
             plan = plan_sweep(spec)
-            _share_step0(sweep_dir / "step0", plan.sweep_dir / "step0")
+            _share_step0(step0_dir(sweep_dir), step0_dir(plan.sweep_dir))
             run_dir = run_sweep(spec)
             out.append(_summarise(sweep_dir, cell, cells[cell], run_dir, seed_list, metric, select_on))
     finally:

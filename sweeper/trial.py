@@ -1,6 +1,6 @@
 """One trial = one Tune function trainable (the *driver*) that runs one Ray Train ``TorchTrainer``.
 
-Driver (:func:`trial_driver`, in the Tune trial actor; asks for no CPU, see ``runner.py``):
+Driver (:func:`trial_driver`, in the Tune trial actor; asks for no CPU, see ``sweep.py``):
 resolves the trial's config and builds ONE ``TorchTrainer`` named after the Tune trial id.
 
 Workers (:func:`train_worker`, one per DDP rank): obtain the step-0 state from the sweep's
@@ -35,7 +35,7 @@ from csseg_core.errors import first_line
 from csseg_core.metrics import ALL_METRICS
 from csseg_core.results import step_row
 
-from .cache import READY, Lease, lookup_cache, state_path
+from .step0_cache import READY, Lease, lookup_cache, state_path, step0_dir
 from .tables import rows_dir, tune_end, write_json, write_step_fragment
 
 SCALARS = ("step", *ALL_METRICS, "wall_s", "images_per_s")
@@ -176,7 +176,7 @@ def _step0(cfg: ExperimentConfig, loop: dict, rank: int, extra: dict) -> tuple[d
         state, metrics0 = run_step(cfg, 0, None, log_dir=str(Path(sweep_dir) / "tb" / f"step0-{key0}"))
         metrics0 = {**portable_metrics(metrics0), "trained_on_node": extra["node_id"]}
         if rank == 0:
-            save_state(state, state_path(Path(sweep_dir) / "step0", key0))
+            save_state(state, state_path(step0_dir(sweep_dir), key0))
             ray.get(cache.put.remote(key0, state_to_numpy(state), metrics0, trial_id))
             write_step_fragment(sweep_dir, trial_id, step_row(
                 cfg, metrics0, cached=False, step0_source="trained", step0_node_id=extra["node_id"],
@@ -207,7 +207,7 @@ def trial_driver(config: dict, ctx: dict) -> None:
 
     Args:
         config: the values Tune/Optuna chose (searched hyperparameters, or ``seed`` for FT).
-        ctx: the cell's constants, bound with ``tune.with_parameters`` by ``runner.py``.
+        ctx: the cell's constants, bound with ``tune.with_parameters`` by ``sweep.py``.
 
     Raises:
         TrialError: the TorchTrainer failed after its retries (one-line message).

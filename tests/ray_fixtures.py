@@ -28,7 +28,7 @@ def ray_session_fixture(tmp_path_factory):
     if ray.is_initialized():  # another session fixture started it
         yield ray
         return
-    from sweeper.runner import pinned_gcs_port, train_env
+    from sweeper.ray_session import pinned_gcs_port, train_env
 
     home = os.environ.get("CSSEG_HOME") or str(tmp_path_factory.mktemp("ray-csseg-home"))
     env = {"env_vars": {"CSSEG_HOME": home, "RAY_USAGE_STATS_ENABLED": "0", **train_env()}}

@@ -15,6 +15,7 @@ import yaml
 from typer.testing import CliRunner
 
 import cli
+from csseg_cli.runs import build_config
 from csseg_core.methods import list_methods
 from csseg_core.metrics import format_percent as _pct
 from csseg_core.results import read_rows
@@ -154,9 +155,9 @@ def test_config_file_reproduces_the_run_name_and_resumes(runner, e2e):
 def test_config_file_is_below_set_and_explicit_options(tmp_path):
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump({"scenario": "voc-15-5", "method": "sdr", "seed": 3, "epochs": 5, "params": {"kd": 3.0}}))
-    cfg = cli.build_config(None, None, None, None, None, None, ["epochs=2"], path)
+    cfg = build_config(None, None, None, None, None, None, ["epochs=2"], path)
     assert (cfg.scenario, cfg.method, cfg.seed, cfg.epochs, cfg.method_params["kd"]) == ("voc-15-5", "sdr", 3, 2, 3.0)
-    cfg = cli.build_config("voc-15-1", None, None, "overlapped", 9, None, [], path)
+    cfg = build_config("voc-15-1", None, None, "overlapped", 9, None, [], path)
     assert (cfg.scenario, cfg.mode, cfg.seed, cfg.method) == ("voc-15-1", "overlapped", 9, "sdr")
 
 

@@ -228,11 +228,11 @@ def test_amp_is_validated_and_hashed_only_when_set():
 
 # ---------------------------------------------------------------------------- config files
 def test_config_file_and_best_yaml_accept_the_same_scenario_aliases(tmp_path):
-    """`csseg train --config` (cli.load_config_file) and sweeper.load_best read one format with one
+    """`csseg train --config` (csseg_cli.runs.load_config_file) and sweeper.load_best read one format with one
     reader: an export-best file's cell is found by any alias of its scenario, on either side."""
     import yaml
 
-    import cli
+    from csseg_cli.runs import load_config_file
     from sweeper import load_best
 
     path = tmp_path / "best.yaml"
@@ -246,19 +246,19 @@ def test_config_file_and_best_yaml_accept_the_same_scenario_aliases(tmp_path):
              ("voc-15-1b", "disjoint", 5.0), ("voc-15-5s_b", "disjoint", 5.0), ("voc-15-5s", "overlapped", 7.0),
              ("voc-10-10s", "disjoint", 9.0), ("voc-10-1", None, 9.0)]
     for scenario, mode, kd in cases:
-        assert cli.load_config_file(path, scenario, mode)["kd"] == kd, (scenario, mode)
+        assert load_config_file(path, scenario, mode)["kd"] == kd, (scenario, mode)
         assert [e["params"]["kd"] for e in load_best(path, scenario=scenario, mode=mode)] == [kd], (scenario, mode)
     for scenario, mode in (("voc-19-1", None), ("voc-15-1", "sequential")):  # no such cell: both refuse
         with pytest.raises(ConfigError):
-            cli.load_config_file(path, scenario, mode)
+            load_config_file(path, scenario, mode)
         with pytest.raises(ConfigError):
             load_best(path, scenario=scenario, mode=mode)
     with pytest.raises(ConfigError, match="several cells"):  # two cells of voc-15-1: the CLI needs one
-        cli.load_config_file(path, "voc-15-5s", None)
+        load_config_file(path, "voc-15-5s", None)
     assert len(load_best(path, scenario="voc-15-5s")) == 2
     for bad in ("cells: [1, 2]\n", "cells: {a: 1}\n"):  # cells that are not mappings: one error, both sides
         path.write_text(bad)
         with pytest.raises(ConfigError):
-            cli.load_config_file(path, "voc-15-1", None)
+            load_config_file(path, "voc-15-1", None)
         with pytest.raises(ConfigError):
             load_best(path)

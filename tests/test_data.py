@@ -20,7 +20,7 @@ from csseg_core.data import (
     label_lut,
     synth,
 )
-from csseg_core.data import io as dio
+from csseg_core.data import files as dio
 from csseg_core.data.transforms import random_resized_crop_params
 from csseg_core.errors import ConfigError, DataError
 from csseg_core.scenarios import get_scenario
@@ -426,7 +426,7 @@ def test_heldout_images_never_reach_a_training_batch(voc_root: Path, tmp_path: P
     """At every step of every mode (and with an index_dir partition) the train view and
     every batch its loader yields hold no held-out image; the val view is the held-out set."""
     from csseg_core.config import resolve_config
-    from csseg_core.engine import _loader
+    from csseg_core.engine import make_loader
 
     sc = get_scenario(scenario)
     train_ids = list(_raw_presence(voc_root, "train"))
@@ -447,7 +447,7 @@ def test_heldout_images_never_reach_a_training_batch(voc_root: Path, tmp_path: P
                 assert set(ds["val"].ids) <= held
                 cfg = resolve_config(sc.name, "ft", overrides={"batch_size": 4})
                 seen = set()
-                loader = _loader(ds["train"], cfg, train=True, seed=step)
+                loader = make_loader(ds["train"], cfg, train=True, seed=step)
                 for batch_indices in loader.batch_sampler:  # the indices of every batch, no decoding
                     seen |= {ds["train"].ids[i] for i in batch_indices}
                 assert seen and not seen & held, (mode, step)

@@ -1,4 +1,4 @@
-"""Engine and runner: determinism, state round trip, step checks, DDP evaluation, run_scenario
+"""Engine and scenario runs: determinism, state round trip, step checks, DDP evaluation, run_scenario
 files / resume / faults.
 
 Every step trains one epoch on a fixed 32-image list per step of voc-15-5 (``index_dir``) with
@@ -19,15 +19,15 @@ import yaml
 from faults import nan_loss
 from torch.utils.data import Subset
 
-from csseg_core import runner
+from csseg_core import scenario_run as run_module
 from csseg_core.config import ExperimentConfig, resolve_config
 from csseg_core.data import build_datasets
 from csseg_core.distributed import spawn
-from csseg_core.engine import _loader, evaluate, run_step
+from csseg_core.engine import evaluate, make_loader, run_step
 from csseg_core.errors import ConfigError, TrainingError
 from csseg_core.models import build_model
 from csseg_core.results import read_rows, write_rows
-from csseg_core.runner import checkpoint_path, run_scenario
+from csseg_core.scenario_run import checkpoint_path, run_scenario
 from csseg_core.scenarios import get_scenario
 from csseg_core.state import load_state, save_state
 
@@ -161,7 +161,7 @@ def _confusions(cfg: ExperimentConfig, weights: dict) -> dict[str, torch.Tensor]
     model.load_state_dict(weights, strict=True)
     out = {}
     for name, view in _eval_views(cfg).items():
-        cm = evaluate(model, _loader(view, cfg, train=False, seed=0), 16, torch.device("cpu"))
+        cm = evaluate(model, make_loader(view, cfg, train=False, seed=0), 16, torch.device("cpu"))
         out[name] = cm.mat.clone()
     return out
 
@@ -233,7 +233,7 @@ def scenario_run(make_cfg, tmp_path_factory):
 
     rerun_lines: list[str] = []
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(runner, "run_step", no_training)
+        mp.setattr(run_module, "run_step", no_training)
         rec["rerun_results"] = run_scenario(cfg, out, progress=False, echo=rerun_lines.append)
     rec["rerun_lines"] = rerun_lines
     rec["rerun_rows"] = read_rows(out / "steps.parquet")
@@ -332,7 +332,7 @@ def test_resume_rebuilds_missing_rows_from_the_checkpoints(scenario_run, tmp_pat
     shutil.copytree(r["out"], out)
     (out / "steps.parquet").unlink()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(runner, "run_step", lambda *a, **k: pytest.fail("a finished step was trained again"))
+        mp.setattr(run_module, "run_step", lambda *a, **k: pytest.fail("a finished step was trained again"))
         results = run_scenario(r["cfg"], out, progress=False, echo=lambda s: None)
     assert [m["step"] for m in results] == [0, 1]
     rows = read_rows(out / "steps.parquet")
@@ -411,7 +411,7 @@ def test_shared_step0_is_trained_again_with_the_union_when_it_lacks_a_statistic(
     seed = 1234  # a step-0 key of this test only (the shared states live in the session's $CSSEG_HOME)
     sdr, ewc = make_cfg("sdr", seed=seed), make_cfg("ewc", seed=seed)
     assert sdr.step_key(0) == ewc.step_key(0)
-    shared = runner.shared_step0_path(sdr)
+    shared = run_module.shared_step0_path(sdr)
     lines: list[str] = []
     run_scenario(sdr, tmp_path / "sdr", steps=[0], progress=False, echo=lines.append)
     first = load_state(shared)
@@ -430,7 +430,7 @@ def test_shared_step0_is_trained_again_with_the_union_when_it_lacks_a_statistic(
 
     # the superset serves every method: nothing is trained again
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(runner, "run_step", lambda *a, **k: pytest.fail("step 0 was trained again"))
+        mp.setattr(run_module, "run_step", lambda *a, **k: pytest.fail("step 0 was trained again"))
         for method in ("sdr", "ft", "ewc"):
             lines.clear()
             run_scenario(make_cfg(method, seed=seed), tmp_path / f"{method}-again", steps=[0], progress=False,
@@ -521,9 +521,9 @@ def test_a_run_without_resume_keeps_the_shared_step0_statistics(make_cfg, tmp_pa
     seed = 4321
     ewc, sdr = make_cfg("ewc", seed=seed), make_cfg("sdr", seed=seed)
     run_scenario(ewc, tmp_path / "a", steps=[0], progress=False, echo=lambda s: None)
-    assert load_state(runner.shared_step0_path(ewc))["collected"] == ["fisher"]
+    assert load_state(run_module.shared_step0_path(ewc))["collected"] == ["fisher"]
     run_scenario(sdr, tmp_path / "b", steps=[0], progress=False, resume=False, echo=lambda s: None)
-    assert load_state(runner.shared_step0_path(sdr))["collected"] == ["prototypes", "fisher"]
+    assert load_state(run_module.shared_step0_path(sdr))["collected"] == ["prototypes", "fisher"]
 
 
 def test_evaluate_under_amp_counts_like_float32_and_fp16_falls_back_on_cpu():

@@ -13,6 +13,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 import cli
+from csseg_cli import common
 
 pytest.importorskip("plotly")
 pytest.importorskip("matplotlib")
@@ -144,8 +145,8 @@ def test_missing_plotting_library_names_the_extra(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------- leaderboard
 @pytest.fixture
 def narrow(monkeypatch):
-    monkeypatch.setattr(cli, "console", Console(width=100, file=io.StringIO()))
-    return cli.console
+    monkeypatch.setattr(common, "console", Console(width=100, file=io.StringIO()))
+    return common.console
 
 
 def test_leaderboard_fits_100_columns_one_line_per_trial(sweep, narrow):

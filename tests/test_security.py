@@ -1,6 +1,6 @@
 """Security defaults: nothing csseg reads can run code, and the dashboard stays on localhost.
 
-* the Ray dashboard: ``sweeper.runner.init_ray`` (what ``csseg sweep`` calls) asks for
+* the Ray dashboard: ``sweeper.ray_session.init_ray`` (what ``csseg sweep`` calls) asks for
   ``dashboard_host="127.0.0.1"`` when it starts Ray itself (tested on the kwargs it passes to a
   stand-in ``ray.init``: no dashboard is started here);
 * checkpoints load with ``torch.load(weights_only=True)`` only: a pickle whose ``__reduce__``
@@ -8,7 +8,7 @@
   ``--step-ckpt`` print one error line) and the marker never appears; every ``torch.load``,
   ``np.load`` and YAML read in the code base is checked statically too;
 * config files never execute code: ``yaml.safe_load`` refuses ``!!python/object/apply``
-  (``cli.load_config_file`` -> ``ConfigError``; ``sweeper.load_best`` refuses it as well);
+  (``csseg_cli.runs.load_config_file`` -> ``ConfigError``; ``sweeper.load_best`` refuses it as well);
 * results are Parquet (data only, no pickled pandas metadata), index lists are read with
   ``allow_pickle=False``.
 """
@@ -27,10 +27,11 @@ import torch
 from typer.testing import CliRunner
 
 import cli
+from csseg_cli.runs import load_config_file
 from csseg_core.errors import ConfigError, CssegError, DataError
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = sorted(p for d in ("csseg_core", "sweeper", "search_spaces") for p in (ROOT / d).rglob("*.py")) + [ROOT / "cli.py"]
+SOURCES = sorted(p for d in ("csseg_cli", "csseg_core", "sweeper", "search_spaces") for p in (ROOT / d).rglob("*.py")) + [ROOT / "cli.py"]
 
 
 # ---------------------------------------------------------------------------- payloads
@@ -68,24 +69,24 @@ class _FakeCtx:
 
 @pytest.fixture
 def fake_ray(monkeypatch):
-    """``sweeper.runner``'s ``ray.init`` / ``ray.is_initialized`` replaced by recorders."""
-    runner = pytest.importorskip("sweeper.runner")
+    """``sweeper.ray_session``'s ``ray.init`` / ``ray.is_initialized`` replaced by recorders."""
+    session = pytest.importorskip("sweeper.ray_session")
     calls: list[dict] = []
 
     def init(**kwargs):
         calls.append(kwargs)
         return _FakeCtx()
 
-    monkeypatch.setattr(runner.ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(runner.ray, "init", init)
-    return runner, calls
+    monkeypatch.setattr(session.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(session.ray, "init", init)
+    return session, calls
 
 
 def test_local_ray_binds_the_dashboard_to_localhost(fake_ray, capsys):
-    runner, calls = fake_ray
+    session, calls = fake_ray
     from sweeper import SweepSpec
 
-    started, url = runner.init_ray(SweepSpec(scenarios=("voc-15-1",)))
+    started, url = session.init_ray(SweepSpec(scenarios=("voc-15-1",)))
     assert started is True and url is not None and url.startswith("http://127.0.0.1")
     assert len(calls) == 1
     kw = calls[0]
@@ -95,17 +96,17 @@ def test_local_ray_binds_the_dashboard_to_localhost(fake_ray, capsys):
 
 
 def test_dashboard_can_be_turned_off_and_never_goes_public(fake_ray):
-    runner, calls = fake_ray
+    session, calls = fake_ray
     from sweeper import SweepSpec
 
-    runner.init_ray(SweepSpec(scenarios=("voc-15-1",), dashboard=False))
+    session.init_ray(SweepSpec(scenarios=("voc-15-1",), dashboard=False))
     kw = calls[-1]
     assert kw.get("include_dashboard") is False
     assert kw.get("dashboard_host", "127.0.0.1") in ("127.0.0.1", "localhost")
 
 
 def test_fallback_without_dashboard_packages_starts_no_dashboard(monkeypatch):
-    runner = pytest.importorskip("sweeper.runner")
+    session = pytest.importorskip("sweeper.ray_session")
     from sweeper import SweepSpec
 
     calls: list[dict] = []
@@ -116,18 +117,18 @@ def test_fallback_without_dashboard_packages_starts_no_dashboard(monkeypatch):
             raise RuntimeError("Cannot include dashboard with missing packages")
         return _FakeCtx()
 
-    monkeypatch.setattr(runner.ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(runner.ray, "init", init)
-    runner.init_ray(SweepSpec(scenarios=("voc-15-1",)))
+    monkeypatch.setattr(session.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(session.ray, "init", init)
+    session.init_ray(SweepSpec(scenarios=("voc-15-1",)))
     assert calls[0].get("dashboard_host") == "127.0.0.1" and calls[-1]["include_dashboard"] is False
     assert not any(c.get("dashboard_host") not in (None, "127.0.0.1") for c in calls)
 
 
 def test_joining_a_cluster_does_not_override_its_dashboard(fake_ray):
-    runner, calls = fake_ray
+    session, calls = fake_ray
     from sweeper import SweepSpec
 
-    runner.init_ray(SweepSpec(scenarios=("voc-15-1",), address="auto"))
+    session.init_ray(SweepSpec(scenarios=("voc-15-1",), address="auto"))
     kw = calls[-1]
     assert kw["address"] == "auto" and "dashboard_host" not in kw and "include_dashboard" not in kw
 
@@ -169,7 +170,7 @@ def test_cli_refuses_pickled_code_in_checkpoints(tmp_path, monkeypatch):
 
 def test_sweep_step0_cache_loads_states_safely(tmp_path):
     """The cache actor reloads step-0 states from the sweep folder with ``load_state``."""
-    cache = pytest.importorskip("sweeper.cache")
+    cache = pytest.importorskip("sweeper.step0_cache")
     root = tmp_path / "step0"
     root.mkdir()
     evil = _evil_checkpoints(tmp_path)[0]
@@ -249,7 +250,7 @@ def test_config_file_never_executes_code(tmp_path):
         path = tmp_path / f"evil{i}.yaml"
         path.write_text(text)
         with pytest.raises(ConfigError):
-            cli.load_config_file(path, None, None)
+            load_config_file(path, None, None)
     assert not marker.exists()
 
 

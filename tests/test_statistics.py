@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from csseg_core.collectors import Prototypes, build_collectors
 from csseg_core.distributed import spawn
 from csseg_core.methods.ewc import Fisher
 from csseg_core.methods.pi import PathIntegral
 from csseg_core.methods.rw import RWalk
-from csseg_core.statistics import Prototypes, build_collectors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

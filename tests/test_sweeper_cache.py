@@ -19,7 +19,7 @@ def _contender(sweep, key, owner, fail, root):
     import ray
 
     from csseg_core.state import save_state
-    from sweeper.cache import TRAIN, Lease, lookup_cache, state_path
+    from sweeper.step0_cache import TRAIN, Lease, lookup_cache, state_path
 
     lease = Lease(lookup_cache(sweep), key, owner, poll_s=0.05, heartbeat_s=0.1)
     decision, refs, metrics = lease.wait()
@@ -46,7 +46,7 @@ def _remote():
 def test_concurrent_acquirers_train_once_and_refs_outlive_them(tmp_path):
     import ray
 
-    from sweeper.cache import get_cache, kill_cache
+    from sweeper.step0_cache import get_cache, kill_cache
 
     cache = get_cache("t-once", tmp_path)
     contender = _remote()
@@ -66,7 +66,7 @@ def test_concurrent_acquirers_train_once_and_refs_outlive_them(tmp_path):
 def test_a_failed_trainer_releases_the_key(tmp_path):
     import ray
 
-    from sweeper.cache import TRAIN, get_cache, kill_cache
+    from sweeper.step0_cache import TRAIN, get_cache, kill_cache
 
     cache = get_cache("t-fail", tmp_path)
     contender = _remote()
@@ -82,7 +82,7 @@ def test_a_failed_trainer_releases_the_key(tmp_path):
 def test_an_abandoned_lease_expires_and_heartbeats_keep_it(tmp_path):
     import ray
 
-    from sweeper.cache import READY, TRAIN, WAIT, get_cache, kill_cache
+    from sweeper.step0_cache import READY, TRAIN, WAIT, get_cache, kill_cache
 
     cache = get_cache("t-lease", tmp_path, lease_s=0.5)
     assert ray.get(cache.acquire.remote("k", "a"))[0] == TRAIN
@@ -104,7 +104,7 @@ def test_an_abandoned_lease_expires_and_heartbeats_keep_it(tmp_path):
 def test_a_restarted_cache_reloads_from_files(tmp_path):
     import ray
 
-    from sweeper.cache import READY, get_cache, kill_cache
+    from sweeper.step0_cache import READY, get_cache, kill_cache
 
     contender = _remote()
     get_cache("t-reload", tmp_path)

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-import csseg_core.runner
+import csseg_core.scenario_run
 from sweeper import run_final
 
 
@@ -22,7 +22,7 @@ def _fake_run_step(cfg, step, prev_state=None, *, collect=(), log_dir=None, prog
 
 
 def test_run_final_reports_mean_and_std_over_seeds(tmp_path, monkeypatch):
-    monkeypatch.setattr(csseg_core.runner, "run_step", _fake_run_step)
+    monkeypatch.setattr(csseg_core.scenario_run, "run_step", _fake_run_step)
     best = tmp_path / "best.yaml"
     entry = {"scenario": "voc-19-1", "mode": "disjoint", "method": "lwf", "profile": "smoke", "seed": 0,
              "params": {"kd": 10.0, "epochs": 1}, "metrics": {"miou_all": 0.1},
@@ -41,7 +41,7 @@ def test_run_final_reports_mean_and_std_over_seeds(tmp_path, monkeypatch):
 
 
 def test_final_parquet_keeps_one_row_per_configuration_and_scenario(tmp_path, monkeypatch):
-    monkeypatch.setattr(csseg_core.runner, "run_step", _fake_run_step)
+    monkeypatch.setattr(csseg_core.scenario_run, "run_step", _fake_run_step)
     entry = {"scenario": "voc-19-1", "mode": "disjoint", "method": "lwf", "profile": "smoke", "seed": 0,
              "params": {"kd": 10.0, "epochs": 1}, "selected_on": "val"}
     a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"

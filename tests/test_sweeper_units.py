@@ -118,7 +118,7 @@ def test_size_concurrency():
 
 
 def test_train_env_speeds_up_trials_and_yields_to_the_user(monkeypatch):
-    from sweeper.runner import HEALTH_CHECK_INTERVAL_S, train_env
+    from sweeper.ray_session import HEALTH_CHECK_INTERVAL_S, train_env
 
     monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", raising=False)
     monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", raising=False)
@@ -136,7 +136,7 @@ def test_a_local_ray_starts_on_the_address_its_workers_are_told(monkeypatch):
     machine (else an ASHA-stopped trial's CPU is never freed): the GCS port is pinned and passed on."""
     import ray
 
-    from sweeper import runner
+    from sweeper import ray_session
 
     seen = []
 
@@ -150,15 +150,15 @@ def test_a_local_ray_starts_on_the_address_its_workers_are_told(monkeypatch):
     monkeypatch.delenv("RAY_GCS_SERVER_PORT", raising=False)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", fake_init)
-    assert runner.init_ray(SweepSpec(scenarios="voc-15-1", dashboard=False)) == (True, None)
+    assert ray_session.init_ray(SweepSpec(scenarios="voc-15-1", dashboard=False)) == (True, None)
     (port, address), = seen
     assert port and address.endswith(f":{port}") and "RAY_GCS_SERVER_PORT" not in os.environ  # restored
     monkeypatch.setenv("RAY_GCS_SERVER_PORT", "6390")  # the user's port wins
-    runner.init_ray(SweepSpec(scenarios="voc-15-1", dashboard=False))
+    ray_session.init_ray(SweepSpec(scenarios="voc-15-1", dashboard=False))
     assert seen[-1][0] == "6390" and seen[-1][1].endswith(":6390") and os.environ["RAY_GCS_SERVER_PORT"] == "6390"
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # ray.init joins that cluster: nothing pinned
     monkeypatch.setattr(ray, "init", lambda **kw: seen.append(kw["runtime_env"]["env_vars"].get("RAY_ADDRESS")) or None)
-    runner.init_ray(SweepSpec(scenarios="voc-15-1", dashboard=False))
+    ray_session.init_ray(SweepSpec(scenarios="voc-15-1", dashboard=False))
     assert seen[-1] is None
 
 
@@ -291,7 +291,7 @@ def test_export_single_cell_is_a_mapping(tmp_path):
 
 # ---------------------------------------------------------------------------- tune config
 def test_first_step_protocol_and_only_points(tmp_path):
-    from sweeper.runner import _cell_ctx, tune_config
+    from sweeper.sweep import _cell_ctx, tune_config
 
     plan = plan_sweep(SweepSpec(scenarios="voc-15-1,voc-offline", method="sdr", trials=4, storage=str(tmp_path),
                                 protocol="first-step", scheduler="asha"))
@@ -315,7 +315,7 @@ def test_first_step_protocol_and_only_points(tmp_path):
 def test_tune_config_single_multi_objective_asha_and_ft(tmp_path, monkeypatch):
     import ray.tune.schedulers as schedulers
 
-    from sweeper.runner import tune_config
+    from sweeper.sweep import tune_config
 
     asha_kwargs = {}
 
@@ -458,7 +458,7 @@ def test_address_auto_is_left_to_ray_when_ray_cannot_resolve_it(monkeypatch):
     probe leaves it to ``ray.init`` (which names the instances) instead of calling "auto" malformed."""
     import ray._private.services as services
 
-    from sweeper.runner import probe_address
+    from sweeper.ray_session import probe_address
 
     def ambiguous(address, *args, **kwargs):
         raise ConnectionError("Found multiple active Ray instances: {'10.0.0.1:6379', '10.0.0.2:6379'}")

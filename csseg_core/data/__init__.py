@@ -5,7 +5,8 @@ from the train list, see :mod:`csseg_core.data.incremental`) yielding
 ``(image 3xHxW float, label HxW long in model index space)``.
 """
 
-from csseg_core.data.cache import csseg_home, default_cache_dir
+from csseg_core.data.files import DataFileError
+from csseg_core.data.filter_cache import csseg_home, default_cache_dir
 from csseg_core.data.incremental import (
     DEFAULT_SPLITS,
     DEFAULT_VAL_FRACTION,
@@ -18,7 +19,6 @@ from csseg_core.data.incremental import (
     label_lut,
     read_index_list,
 )
-from csseg_core.data.io import DataFileError
 from csseg_core.data.synth import default_data_root, generate
 from csseg_core.data.transforms import EvalTransform, TrainTransform
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from csseg_core.data.io import SplitFiles, listing_signature
+from csseg_core.data.files import SplitFiles, listing_signature
 from csseg_core.errors import DataError
 
 NUM_CLASSES = 150

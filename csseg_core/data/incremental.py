@@ -54,8 +54,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from csseg_core.data import ade, cache, voc
-from csseg_core.data import io as dio
+from csseg_core.data import ade, filter_cache, voc
+from csseg_core.data import files as dio
 from csseg_core.data.synth import default_data_root
 from csseg_core.data.transforms import EvalTransform, TrainTransform
 from csseg_core.errors import ConfigError, DataError
@@ -232,7 +232,7 @@ def filter_indices(
         d = Path(index_dir).expanduser()
         cands = [p for p in (d / f"train-{step}.npy", d / f"train-{step}.txt") if p.is_file()]
         index_sig = dio.listing_signature(*cands) if cands else "missing"
-    key = cache.cache_key(
+    key = filter_cache.cache_key(
         kind="filter",
         dataset=dataset,
         sig=files.signature,
@@ -247,10 +247,10 @@ def filter_indices(
     def compute() -> np.ndarray:
         if use_index:
             return read_index_list(index_dir, step, files.ids)
-        presence = cache.presence_table(files, dataset, num_classes, Path(cache_dir))
+        presence = filter_cache.presence_table(files, dataset, num_classes, Path(cache_dir))
         return np.flatnonzero(keep_mask(presence, scenario, mode, step, split)).astype(np.int64)
 
-    return cache.cached_array(path, compute)
+    return filter_cache.cached_array(path, compute)
 
 
 class IncrementalSegmentation(Dataset):
@@ -356,7 +356,7 @@ def build_datasets(
         _check_split(split)
     if root is None:
         root = default_data_root(dataset)
-    cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else cache.default_cache_dir()
+    cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else filter_cache.default_cache_dir()
     reader = READERS[dataset]
     out: dict[str, IncrementalSegmentation] = {}
     held: np.ndarray | None = None

@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from csseg_core.data.cache import csseg_home
-from csseg_core.data.io import voc_colormap
+from csseg_core.data.files import voc_colormap
+from csseg_core.data.filter_cache import csseg_home
 from csseg_core.data.synth_styles import STYLES, render_style
 from csseg_core.errors import ConfigError
 

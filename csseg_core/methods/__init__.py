@@ -7,7 +7,7 @@ its module: nothing here lists them. Modules named ``_*`` hold shared code and a
 import importlib
 import pkgutil
 
-from ..statistics import register_statistic, statistic_names
+from ..collectors import register_statistic, statistic_names
 from .base import (
     Batch,
     Method,

@@ -23,14 +23,14 @@ from typing import Any, ClassVar, Mapping
 import torch
 
 from .. import losses as L
+from ..collectors import closed_statistics
 from ..errors import ConfigError
-from ..statistics import closed_statistics
 
 
 def required_statistics(methods=(), extra=()) -> tuple[str, ...]:
     """The statistics a step must collect so that every method of ``methods`` can continue from
     its state, plus ``extra`` (registered statistic names), closed under what each statistic
-    needs, in registration order (:func:`csseg_core.statistics.closed_statistics`).
+    needs, in registration order (:func:`csseg_core.collectors.closed_statistics`).
 
     Example:
         >>> required_statistics(["sdr", "rw"])

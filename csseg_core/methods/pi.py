@@ -7,7 +7,7 @@ from typing import Mapping
 
 import torch
 
-from ..statistics import register_statistic
+from ..collectors import register_statistic
 from ._regularizer import Regularizer, trainable
 from .base import register_method
 

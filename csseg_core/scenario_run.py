@@ -26,6 +26,7 @@ from typing import Callable, Iterable
 import torch.distributed as dist
 import yaml
 
+from .collectors import held_statistics
 from .config import ExperimentConfig
 from .data import csseg_home
 from .engine import dist_info, run_step
@@ -33,7 +34,6 @@ from .errors import ConfigError, CssegError, DataError
 from .methods import required_statistics
 from .results import append_rows, step_row
 from .state import load_state, save_state
-from .statistics import held_statistics
 
 
 def checkpoint_path(out_dir: str | Path, cfg: ExperimentConfig, step: int) -> Path:

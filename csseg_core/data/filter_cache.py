@@ -2,7 +2,7 @@
 
 Both are small ``.npy`` files in the cache directory (default ``$CSSEG_HOME/filters``, with
 ``CSSEG_HOME`` defaulting to ``~/.cache/csseg``). Keys hash the split's listing signature
-(list-file content and mtimes, see :func:`csseg_core.data.io.listing_signature`), so a changed
+(list-file content and mtimes, see :func:`csseg_core.data.files.listing_signature`), so a changed
 dataset gets new entries. Files are written atomically (temporary file + rename).
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from csseg_core.atomic import atomic_path
-from csseg_core.data import io as dio
+from csseg_core.data import files as dio
 
 CACHE_VERSION = 1
 

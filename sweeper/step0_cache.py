@@ -41,9 +41,31 @@ def _write_json(path: Path, data: Any) -> None:
         tmp.write_text(json.dumps(data, indent=1, default=str))
 
 
+def step0_dir(sweep_dir: str | os.PathLike) -> Path:
+    """The cache folder of a sweep: ``<sweep dir>/step0``."""
+    return Path(sweep_dir) / "step0"
+
+
 def state_path(root: str | os.PathLike, key: str) -> Path:
     """File of the step-0 state ``key`` under the cache folder ``root``."""
     return Path(root) / f"{key}.pt"
+
+
+def meta_path(root: str | os.PathLike, key: str) -> Path:
+    """The metrics file of ``key`` (the cache loads a state from its folder only with it)."""
+    return Path(root) / f"{key}.json"
+
+
+def seed_state(root: str | os.PathLike, key: str, state_file: str | os.PathLike, metrics: dict, *,
+               trained_by: str) -> None:
+    """Put a step-0 state trained elsewhere where a sweep's cache loads it: its trials then find
+    ``key`` ready and never train step 0. ``state_file`` is linked, not copied; ``metrics`` are the
+    state's step-0 metrics (portable scalars); an existing state of ``key`` is kept."""
+    Path(root).mkdir(parents=True, exist_ok=True)
+    target = state_path(root, key)
+    if not target.exists():
+        target.symlink_to(Path(state_file).resolve())
+    _write_json(meta_path(root, key), {"key": key, "metrics": metrics, "trained_by": trained_by})
 
 
 class Step0Cache:
@@ -96,7 +118,7 @@ class Step0Cache:
             self._entries[key] = {"ref": ray.put(arrays), "metrics": dict(metrics)}
             self._stats["trained"] += 1
             self._stats["trained_by"][key] = owner
-            _write_json(self._root / f"{key}.json", {"key": key, "metrics": metrics, "trained_by": owner})
+            _write_json(meta_path(self._root, key), {"key": key, "metrics": metrics, "trained_by": owner})
             _write_json(self._root / "stats.json", {"trained": self._stats["trained"],
                                                     "trained_by": self._stats["trained_by"]})
         self._leases.pop(key, None)
@@ -121,7 +143,7 @@ class Step0Cache:
 
     # -------------------------------------------------------------- helpers
     def _load(self, key: str) -> dict[str, Any] | None:
-        path, meta = state_path(self._root, key), self._root / f"{key}.json"
+        path, meta = state_path(self._root, key), meta_path(self._root, key)
         if not (path.exists() and meta.exists()):
             return None
         from csseg_core.state import load_state, state_to_numpy
