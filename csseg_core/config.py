@@ -121,10 +121,10 @@ class ExperimentConfig:
     statistics and the optimizer stay in float32."""
     channels_last: bool = True
     """Keep the model's weights and activations in the channels-last (NHWC) memory layout. The
-    same computation (results differ at rounding level only, so it is not part of a step's key);
-    on this 2-core CPU it trains the ``tiny`` model 1.16–1.24× faster, ResNet-50/101 1.07–1.15×,
-    MobileNetV3 1.23×, ResNet-18 0.89× (BENCHMARKS.md). On in ``smoke``; off in ``paper`` and
-    ``small`` (the reference's layout)."""
+    same computation (results differ at rounding level only, so it is not part of a step's key).
+    On this 2-core CPU (bench/layout.py): ``tiny`` 1.14–1.24× faster (a whole smoke SDR run
+    221 → 185 s), MobileNetV3 1.15–1.23×, ResNet-50/101 1.04–1.15×, ResNet-18 0.89–1.01×. On in
+    ``smoke``; off in ``paper`` and ``small`` (the reference's layout)."""
 
     # ------------------------------------------------------------------ derived
     @property
