@@ -132,11 +132,13 @@ def probe_address(address: str | None, timeout_s: float = PROBE_TIMEOUT_S) -> No
 
     ``ray.init(address=HOST:PORT)`` retries a GCS that does not answer for many minutes; this
     opens one TCP connection (``timeout_s``) to the address Ray would use (``auto`` resolved,
-    ``localhost`` mapped to this node's IP as Ray does; ``ray://HOST:PORT`` probes that port).
+    ``localhost`` mapped to this node's IP as Ray does; ``ray://HOST:PORT`` probes that port) and
+    checks that a gRPC (HTTP/2) server answers there, not some other service on a mistyped port
+    (skipped under ``RAY_USE_TLS``).
     ``None``, ``local`` and an ``auto`` with no cluster to find are left to ``ray.init``.
 
     Raises:
-        ConfigError: a malformed address, or no answer at it.
+        ConfigError: a malformed address, no answer at it, or an answer that is not gRPC.
     """
     import socket
 
@@ -161,12 +163,36 @@ def probe_address(address: str | None, timeout_s: float = PROBE_TIMEOUT_S) -> No
         raise ConfigError(f"Ray address {address!r} is not HOST:PORT; pass --address HOST:PORT (the head's GCS port, "
                           "6379 by default) or auto")
     try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
-            pass
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s) as sock:
+            grpc = os.environ.get("RAY_USE_TLS", "0") not in ("0", "") or _speaks_http2(sock, timeout_s)
     except OSError as err:
         why = "no answer" if isinstance(err, TimeoutError) else (err.strerror or type(err).__name__).lower()
         raise ConfigError(f"no Ray cluster listens at {address} ({resolved}: {why} within {timeout_s:g} s); start one "
                           f"(`ray start --head --port={port}`) or fix --address / RAY_ADDRESS") from None
+    if not grpc:  # ray.init would retry it for minutes, printing warnings
+        raise ConfigError(f"{address} ({resolved}) answers but is not a Ray cluster (no gRPC server on that port); pass "
+                          "the head's GCS port (`ray start --head` prints it; 6379 by default) or fix --address / RAY_ADDRESS")
+
+
+# The HTTP/2 client connection preface followed by an empty SETTINGS frame (RFC 9113 §3.4, §6.5).
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+
+def _speaks_http2(sock, timeout_s: float) -> bool:
+    """Whether the server answers the HTTP/2 preface with a SETTINGS frame, as every gRPC server
+    (Ray's GCS and its Ray Client server) must; a web server, a database, ... does not."""
+    sock.settimeout(timeout_s)
+    head = b""
+    try:
+        sock.sendall(_HTTP2_PREFACE)
+        while len(head) < 9:  # a frame header: length (3), type (1), flags (1), stream id (4)
+            chunk = sock.recv(9 - len(head))
+            if not chunk:
+                return False
+            head += chunk
+    except OSError:
+        return False
+    return head[3] == 0x04
 
 
 def join_cluster(address: str, runtime_env: dict, quiet: dict):

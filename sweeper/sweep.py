@@ -268,6 +268,19 @@ def run_cell(plan: Plan, cell: GridCell, concurrency: int):
     return tuner.fit()
 
 
+def expected_trials(plan: Plan) -> int:
+    """How many trials a cell runs: the given points (``only_points``), else ``trials``."""
+    return len(plan.points) if plan.spec.only_points else plan.spec.trials
+
+
+def cell_finished(grid, expected: int) -> bool:
+    """Whether every trial of a cell's ResultGrid ended (finished, stopped by ASHA, or errored) and
+    there are as many as the cell was to run. An interrupted ``fit()`` (Ctrl-C) returns normally
+    with trials still running or never started: such a cell is not done, and the next run of the
+    same command restores its Tune experiment instead of skipping it."""
+    return len(grid) >= expected and grid.num_terminated + grid.num_errors == len(grid)
+
+
 # ---------------------------------------------------------------------------- the sweep
 def run_sweep(spec: SweepSpec) -> Path:
     """Run (or resume) a sweep and return its folder.
@@ -319,9 +332,12 @@ def run_sweep(spec: SweepSpec) -> Path:
             with (_VIEWS[plan.name] if calm else contextlib.nullcontext()):
                 for cell in todo:
                     with (prints_to_file(log_path) if calm else contextlib.nullcontext()):
-                        run_cell(plan, cell, concurrency)
+                        grid = run_cell(plan, cell, concurrency)
                     for trial_id in started_trials(plan.sweep_dir, cell.name):  # catch anything a callback missed,
                         merge_trial(plan.sweep_dir, trial_id)  # and the steps a stopped trial finished meanwhile
+                    if not cell_finished(grid, expected_trials(plan)):  # Ctrl-C: Tune's fit() returns early
+                        raise KeyboardInterrupt(f"{cell.name}: {grid.num_terminated + grid.num_errors} of "
+                                                f"{expected_trials(plan)} trials ended")
                     state["cells_done"].append(cell.name)
                     write_json(plan.sweep_dir / "sweep.json", state)
             stats = kill_cache(plan.name) or {}

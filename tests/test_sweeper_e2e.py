@@ -114,6 +114,37 @@ def test_same_name_resumes_without_rerunning(lwf_sweep, tiny_voc):
         run_sweep(_spec(storage, tiny_voc, name="never-ran", resume=True))
 
 
+class _Grid(list):
+    """What Tune's fit() returns, reduced to what ``cell_finished`` reads."""
+
+    def __init__(self, n: int, terminated: int, errors: int = 0) -> None:
+        super().__init__(range(n))
+        self.num_terminated, self.num_errors = terminated, errors
+
+
+def test_a_cell_interrupted_by_ctrl_c_is_not_marked_done(tiny_voc, tmp_path, monkeypatch):
+    """Ctrl-C makes Tune's fit() return with trials unfinished: the sweep stops (KeyboardInterrupt,
+    the CLI's "rerun the same command to resume"), the cell stays undone, and the same command
+    runs it again (restoring its Tune experiment) instead of skipping it."""
+    import sweeper.sweep as sweep_module
+
+    calls = []
+
+    def fake_run_cell(plan, cell, concurrency):
+        calls.append(cell.name)
+        return _Grid(2, terminated=1) if len(calls) == 1 else _Grid(2, terminated=1, errors=1)
+
+    monkeypatch.setattr(sweep_module, "run_cell", fake_run_cell)
+    spec = _spec(tmp_path, tiny_voc, name="ctrlc", scenarios=("voc-19-1",))
+    with pytest.raises(KeyboardInterrupt, match="1 of 2 trials ended"):
+        run_sweep(spec)
+    assert json.loads((tmp_path / "ctrlc" / "sweep.json").read_text())["cells_done"] == []
+    run_sweep(spec)  # the same command: the cell runs again and now ends
+    assert calls == ["voc-19-1-disjoint", "voc-19-1-disjoint"]
+    assert json.loads((tmp_path / "ctrlc" / "sweep.json").read_text())["cells_done"] == ["voc-19-1-disjoint"]
+    assert not sweep_module.cell_finished(_Grid(1, terminated=1), 2)  # fewer trials than the cell runs
+
+
 def test_failing_trial_is_recorded_and_two_workers_match_one(lwf_sweep, tiny_voc, tmp_path, capsys):
     sweep_dir1, _, _ = lwf_sweep
     spec = _spec(tmp_path, tiny_voc, name="faults", scenarios=("voc-19-1",), workers_per_trial=2, concurrency=None,

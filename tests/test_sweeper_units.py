@@ -467,3 +467,37 @@ def test_address_auto_is_left_to_ray_when_ray_cannot_resolve_it(monkeypatch):
     assert probe_address("auto") is None
     with pytest.raises(ConfigError, match="is not HOST:PORT"):
         probe_address("head-node")
+
+
+def _serve_once(reply: bytes):
+    """A one-connection TCP server (every interface: Ray maps 127.0.0.1 to this node's IP) that reads
+    the client's first bytes and sends ``reply``."""
+    import socket
+    import threading
+
+    srv = socket.socket()
+    srv.bind(("", 0))
+    srv.listen(1)
+
+    def serve():
+        conn, _ = srv.accept()
+        with conn:
+            conn.recv(64)
+            conn.sendall(reply)
+        srv.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return srv.getsockname()[1]
+
+
+def test_a_port_that_answers_but_is_not_ray_is_a_one_line_error(monkeypatch):
+    """A mistyped --address that hits a web server: one line, at once (ray.init would retry for minutes)."""
+    from sweeper.ray_session import probe_address
+
+    monkeypatch.delenv("RAY_USE_TLS", raising=False)
+    port = _serve_once(b"HTTP/1.0 400 Bad Request\r\n\r\n")
+    with pytest.raises(ConfigError, match="answers but is not a Ray cluster.*GCS port") as err:
+        probe_address(f"127.0.0.1:{port}")
+    assert "\n" not in str(err.value)
+    settings = bytes([0, 0, 6, 4, 0, 0, 0, 0, 0]) + bytes(6)  # an HTTP/2 server's SETTINGS frame, as gRPC sends
+    assert probe_address(f"127.0.0.1:{_serve_once(settings)}") is None
