@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from ray.exceptions import RayActorError
 
 from csseg_core.atomic import atomic_path
 
@@ -185,7 +186,8 @@ def kill_cache(sweep: str) -> dict[str, Any] | None:
     """Return the cache's stats and kill it (its states stay on disk); None if it is not running.
 
     Without a Ray connection (joining the cluster failed) it does nothing: ``ray.get_actor``
-    would otherwise start a local Ray instance just to find no actor.
+    would otherwise start a local Ray instance just to find no actor. An actor killed a moment
+    ago can still be found by name; it counts as not running.
     """
     if not ray.is_initialized():
         return None
@@ -193,7 +195,10 @@ def kill_cache(sweep: str) -> dict[str, Any] | None:
         actor = lookup_cache(sweep)
     except ValueError:
         return None
-    stats = ray.get(actor.stats.remote())
+    try:
+        stats = ray.get(actor.stats.remote())
+    except RayActorError:  # killed a moment ago: its name outlives it briefly
+        return None
     ray.kill(actor)
     return stats
 

@@ -308,7 +308,7 @@ def run_sweep(spec: SweepSpec) -> Path:
     log_path = plan.sweep_dir / "sweep.log"
     if calm:
         log(f"Ray/Tune output: {log_path}  (--verbose shows it here)")
-    own_ray = False
+    own_ray = killed = False
     with (ray_output_to_file(log_path) if calm else contextlib.nullcontext()):
         try:
             own_ray, url = init_ray(spec)
@@ -340,10 +340,11 @@ def run_sweep(spec: SweepSpec) -> Path:
                                                 f"{expected_trials(plan)} trials ended")
                     state["cells_done"].append(cell.name)
                     write_json(plan.sweep_dir / "sweep.json", state)
-            stats = kill_cache(plan.name) or {}
+            stats, killed = kill_cache(plan.name) or {}, True
         finally:
             _VIEWS.pop(plan.name, None)
-            kill_cache(plan.name)
+            if not killed:
+                kill_cache(plan.name)
             if own_ray:
                 if calm:
                     append_worker_logs(log_path, ray_logs_dir())
