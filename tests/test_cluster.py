@@ -7,7 +7,8 @@ joins it (the session may run its own local Ray): every sweep is a subprocess,
 
 * a 2-trial sweep at concurrency 2: one trial per node (1 CPU each), step 0 trained once on
   one node and read by the trial on the other node through the object store (no file);
-* the same sweep submitted as a Ray Job: logs through ``ray job logs``, same folder and rows;
+* the driver killed mid-step, then the sweep resumed on the same cluster as a Ray Job (``ray job
+  submit ... --resume``): logs through ``ray job logs``, finished steps not re-run, same layout;
 * node loss: the worker node's raylet SIGKILLed while its trial is inside a step; the trial is
   retried on the head from its last step checkpoint and every trial is in the tables once.
 """
@@ -68,7 +69,8 @@ def test_trials_run_on_both_nodes_and_read_step0_across_nodes(cli_sweep, two_nod
     trainer = next(t for t in trials if t["step0_source"] == "trained")
     reader = next(t for t in trials if t["step0_source"] == "object_store")
     assert reader["step0_node_id"] == trainer["node_ids"][0] != reader["node_ids"][0]
-    assert trainer["step0_store_node_id"] == reader["step0_store_node_id"] in nodes.values()
+    # the cache actor (and so every step-0 object) lives on the driver's node, the head, not a worker node
+    assert trainer["step0_store_node_id"] == reader["step0_store_node_id"] == nodes["head"]
     steps = rows(sweep_dir, "steps.parquet")
     assert {(r["trial_id"], r["step"]) for r in steps} == {(t["trial_id"], s) for t in trials for s in (0, 1)}
     assert all(r["worker_node_ids"] == [r["node_id"]] for r in steps)
@@ -80,49 +82,100 @@ def test_trials_run_on_both_nodes_and_read_step0_across_nodes(cli_sweep, two_nod
     assert "read 1 time(s) from the object store (1 from another node), loaded 0 time(s) from files" in stdout
 
 
-def test_ray_job_submit_runs_the_same_sweep(cli_sweep, two_node_cluster, cluster_data):
-    """``ray job submit -- python cli.py sweep`` (no --address: the job's RAY_ADDRESS) = the CLI sweep."""
-    cli_dir, _ = cli_sweep
-    storage = cli_dir.parent
-    ray_cli = str(Path(sys.executable).with_name("ray"))
-    job_id = f"csseg-sweep-{os.getpid()}-{int(time.time())}"
-    submit = [ray_cli, "job", "submit", "--address", two_node_cluster.dashboard_url, "--submission-id", job_id,
-              "--", sys.executable, str(ROOT / "cli.py"), *sweep_args(storage, "as-job", cluster_data)]
-    out = subprocess.run(submit, env=two_node_cluster.env, cwd=str(ROOT), capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0 and "succeeded" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
-    logs = subprocess.run([ray_cli, "job", "logs", "--address", two_node_cluster.dashboard_url, job_id],
-                          env=two_node_cluster.env, capture_output=True, text=True, timeout=120)
-    assert logs.returncode == 0 and "[csseg sweep] done in" in logs.stdout and "2 ok" in logs.stdout, logs.stdout[-3000:]
-    job_dir = storage / "as-job"
-
-    def layout(d: Path) -> set[str]:
-        return {p.name for p in d.iterdir()}
-
-    assert layout(job_dir) == layout(cli_dir)
-    for table in ("trials.parquet", "steps.parquet"):
-        assert set(pq.read_schema(job_dir / table).names) == set(pq.read_schema(cli_dir / table).names)
-    key = ("param_kd", "steps_done", "status")  # which of the two trains step 0 is a race: compared apart
-    job_trials, cli_trials = rows(job_dir, "trials.parquet"), rows(cli_dir, "trials.parquet")
-    assert sorted(tuple(str(t[k]) for k in key) for t in job_trials) == sorted(tuple(str(t[k]) for k in key) for t in cli_trials)
-    assert sorted(t["step0_source"] for t in job_trials) == ["object_store", "trained"]
-    info = json.loads((job_dir / "sweep.json").read_text())
-    assert info["status"] == "complete" and info["step0"]["trained"] == 1 and info["step0"]["cross_node_reads"] == 1
-
-
-def _mid_step2_on(sweep_dir: Path, node_id: str) -> str | None:
-    """The trial whose worker runs on ``node_id``, once Ray Train holds its step-1 checkpoint and step 2
-    has not finished (its step-2 row is not written), else None."""
+def _mid_step2_on(sweep_dir: Path, node_id: str | None) -> str | None:
+    """The trial whose worker runs on ``node_id`` (None: any node), once Ray Train holds its step-1
+    checkpoint and step 2 has not finished (its step-2 row is not written), else None."""
     for row_dir in (sweep_dir / "rows").glob("*") if (sweep_dir / "rows").is_dir() else ():
         step1 = row_dir / "step-001.json"
         snapshot = sweep_dir / "train" / row_dir.name / "checkpoint_manager_snapshot.json"
         try:
-            on_node = json.loads(step1.read_text()).get("node_id") == node_id
+            on_node = node_id is None or json.loads(step1.read_text()).get("node_id") == node_id
             registered = '"step-001"' in snapshot.read_text()
         except (OSError, ValueError):  # not written yet (or half written)
             continue
         if on_node and registered and not (row_dir / "step-002.json").exists():
             return row_dir.name
     return None
+
+
+def _registered_steps(sweep_dir: Path) -> dict[str, int]:
+    """Trial id -> the last step whose checkpoint Ray Train's snapshot registers (trials without one left out)."""
+    out = {}
+    for snapshot in (sweep_dir / "train").glob("*/checkpoint_manager_snapshot.json"):
+        try:
+            names = [r["checkpoint_dir_name"] for r in json.loads(snapshot.read_text())["checkpoint_results"]]
+        except (OSError, ValueError, KeyError):
+            continue
+        if names:
+            out[snapshot.parent.name] = max(int(n.split("-")[1]) for n in names)
+    return out
+
+
+def _run_until(args: list[str], env: dict, log_path: Path, ready) -> tuple[subprocess.Popen, str]:
+    """Start ``cli.py *args`` in its own session and poll ``ready()`` until it returns a trial id."""
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *args], env=env, cwd=str(ROOT),
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
+    found, deadline = None, time.monotonic() + 900  # a bound on a hang, not a timing check
+    while found is None and proc.poll() is None and time.monotonic() < deadline:
+        found = ready()
+        time.sleep(0.1)
+    if found is None:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+        pytest.fail(f"no trial reached step 2 (rc={proc.poll()}):\n{log_path.read_text()[-3000:]}")
+    return proc, found
+
+
+def test_driver_killed_then_resumed_as_a_ray_job(cli_sweep, two_node_cluster, cluster_data, tmp_path):
+    """The sweep's driver (``cli.py sweep --address``) SIGKILLed while a trial is inside step 2 of 3: the
+    cluster keeps running (the trial actors die with their owner, the detached step-0 cache lives on).
+    ``ray job submit -- python cli.py sweep ... --resume`` (no --address: the job's RAY_ADDRESS) finishes
+    it on the same cluster: logs through ``ray job logs``, every trial once, a step whose checkpoint
+    Ray Train held at the kill is not run again, step 0 trained once, the folder laid out as a CLI sweep's."""
+    storage = tmp_path / "sweeps"
+    args = sweep_args(storage, "driver-kill", cluster_data, sets=(*TINY, "epochs_incremental=2"))
+    args[1] = "voc-10-5-5"  # 3 steps
+    sweep_dir = storage / "driver-kill"
+    proc, victim = _run_until([*args, "--address", two_node_cluster.address], two_node_cluster.env,
+                              tmp_path / "first.out", lambda: _mid_step2_on(sweep_dir, None))
+    os.killpg(proc.pid, 9)  # the driver and its own children only: the cluster's processes are not in its session
+    proc.wait()
+    registered = _registered_steps(sweep_dir)  # steps whose checkpoint Ray Train holds: finished for good
+    before = {(r.parent.name, r.name): r.read_text() for r in (sweep_dir / "rows").glob("*/step-*.json")
+              if int(r.stem.split("-")[1]) <= registered.get(r.parent.name, -1)}
+    assert (victim, "step-001.json") in before and (victim, "step-002.json") not in before, (registered, sorted(before))
+
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    job_id = f"csseg-resume-{os.getpid()}-{int(time.time())}"
+    submit = [ray_cli, "job", "submit", "--address", two_node_cluster.dashboard_url, "--submission-id", job_id,
+              "--", sys.executable, str(ROOT / "cli.py"), *args, "--resume"]
+    out = subprocess.run(submit, env=two_node_cluster.env, cwd=str(ROOT), capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0 and "succeeded" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
+    logs = subprocess.run([ray_cli, "job", "logs", "--address", two_node_cluster.dashboard_url, job_id],
+                          env=two_node_cluster.env, capture_output=True, text=True, timeout=120)
+    assert logs.returncode == 0 and "[csseg sweep] done in" in logs.stdout and "2 ok" in logs.stdout, logs.stdout[-3000:]
+
+    trials = rows(sweep_dir, "trials.parquet")
+    assert len(trials) == 2 == len({t["trial_id"] for t in trials}), trials
+    assert all(t["status"] == "ok" and t["steps_done"] == 3 for t in trials), trials
+    steps = rows(sweep_dir, "steps.parquet")
+    assert sorted((r["trial_id"], r["step"]) for r in steps) == sorted((t["trial_id"], s) for t in trials for s in range(3))
+    after = {(r.parent.name, r.name): r.read_text() for r in (sweep_dir / "rows").glob("*/step-*.json")}
+    for key, text in before.items():
+        assert after[key] == text, f"{key} was re-run after --resume (registered at the kill: {registered})"
+    info = json.loads((sweep_dir / "sweep.json").read_text())
+    assert info["status"] == "complete" and info["step0"]["trained"] == 1, info
+    cli_dir = cli_sweep[0]  # the same layout and columns as a sweep run from the CLI
+
+    def layout(d: Path) -> set[str]:  # the Optuna log is named after the cell (another scenario here)
+        return {"optuna-<cell>.log" if p.name.startswith("optuna-") else p.name for p in d.iterdir()}
+
+    assert layout(sweep_dir) == layout(cli_dir)
+    for table in ("trials.parquet", "steps.parquet"):
+        assert set(pq.read_schema(sweep_dir / table).names) == set(pq.read_schema(cli_dir / table).names)
 
 
 def test_worker_node_lost_mid_step_trial_goes_on_from_its_checkpoint(two_node_cluster, cluster_data, tmp_path):
@@ -137,23 +190,15 @@ def test_worker_node_lost_mid_step_trial_goes_on_from_its_checkpoint(two_node_cl
                       sets=(*TINY, "epochs_incremental=2"))
     args[1], args[args.index("--max-failures") + 1] = "voc-10-5-5", "1"  # 3 steps; one retry
     sweep_dir = storage / "node-loss"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *args], env=two_node_cluster.env, cwd=str(ROOT),
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            victim, deadline = None, time.monotonic() + 900  # a bound on a hang, not a timing check
-            while victim is None and proc.poll() is None and time.monotonic() < deadline:
-                victim = _mid_step2_on(sweep_dir, nodes["w1"])
-                time.sleep(0.1)
-            if victim is None:
-                pytest.fail(f"no trial reached step 2 on the worker node (rc={proc.poll()}):\n{log_path.read_text()[-3000:]}")
-            two_node_cluster.kill_raylet("w1")
-            before = {p.name: p.read_text() for p in (sweep_dir / "rows" / victim).glob("step-*.json")}
-            proc.wait(timeout=1200)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, 9)
-                proc.wait()
+    proc, victim = _run_until(args, two_node_cluster.env, log_path, lambda: _mid_step2_on(sweep_dir, nodes["w1"]))
+    try:
+        two_node_cluster.kill_raylet("w1")
+        before = {p.name: p.read_text() for p in (sweep_dir / "rows" / victim).glob("step-*.json")}
+        proc.wait(timeout=1200)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.wait()
     out = log_path.read_text()
     assert proc.returncode == 0, out[-3000:]
     assert sorted(before) == ["step-000.json", "step-001.json"], sorted(before)  # killed inside step 2
