@@ -7,8 +7,10 @@ such a message back to its last line so the user still sees one line naming the 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +36,20 @@ class DataFileError(DataError):
                     last = last[len(p) :]
             text = last
         super().__init__(text)
+
+
+@contextlib.contextmanager
+def _decoding(path: Path, kind: str, fix: str, detail: bool = False) -> Iterator[None]:
+    """Turn a missing or undecodable ``kind`` file (image, label) into one :class:`DataFileError` line."""
+    try:
+        yield
+    except DataFileError:
+        raise
+    except FileNotFoundError:
+        raise DataFileError(f"{kind} {path} does not exist; restore it or remove its id from the list file") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        why = f"{type(err).__name__}: {first_line(err) or 'no detail'}" if detail else type(err).__name__
+        raise DataFileError(f"{kind} {path} is unreadable or corrupt ({why}); {fix}") from None
 
 
 @dataclass(frozen=True)
@@ -89,19 +105,9 @@ def load_image(path: Path) -> Image.Image:
     Raises:
         DataFileError: Missing, unreadable or corrupt file.
     """
-    try:
+    with _decoding(path, "image", "re-download it or remove its id from the list file", detail=True):
         with Image.open(path) as im:
             return im.convert("RGB")
-    except FileNotFoundError:
-        raise DataFileError(
-            f"image {path} does not exist; restore it or remove its id from the list file"
-        ) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DataFileError(
-            f"image {path} is unreadable or corrupt ({type(err).__name__}: "
-            f"{first_line(err) or 'no detail'}); "
-            "re-download it or remove its id from the list file"
-        ) from None
 
 
 def load_label(path: Path, num_classes: int) -> np.ndarray:
@@ -117,7 +123,7 @@ def load_label(path: Path, num_classes: int) -> np.ndarray:
     Raises:
         DataFileError: Missing or corrupt file, a colour (RGB) label, or ids out of range.
     """
-    try:
+    with _decoding(path, "label", "re-download it"):
         with Image.open(path) as im:
             if im.mode not in ("P", "L", "I", "I;16"):
                 raise DataFileError(
@@ -125,16 +131,6 @@ def load_label(path: Path, num_classes: int) -> np.ndarray:
                     "class ids (convert colour masks to class-id PNGs)"
                 )
             arr = np.asarray(im)
-    except DataFileError:
-        raise
-    except FileNotFoundError:
-        raise DataFileError(
-            f"label {path} does not exist; restore it or remove its id from the list file"
-        ) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DataFileError(
-            f"label {path} is unreadable or corrupt ({type(err).__name__}); re-download it"
-        ) from None
     if arr.dtype != np.uint8:
         if arr.size and (arr.min() < 0 or arr.max() > 255):
             _raise_range(path, np.unique(arr[(arr < 0) | (arr > 255)]), num_classes)

@@ -44,6 +44,28 @@ DEFAULTS = {
 _SHAPES = ("ellipse", "rectangle", "triangle")
 
 
+
+def object_classes(rng: np.random.Generator, index: int, n_cls: int, p_count: tuple[float, float, float]) -> list[int]:
+    """1–3 distinct classes of one image (``p_count``: P(1), P(2), P(3) objects); the last is the
+    guaranteed class ``index % n_cls + 1`` (drawn on top), the others any class but that one."""
+    first = index % n_cls + 1
+    n_obj = int(rng.choice([1, 2, 3], p=list(p_count)))
+    others = rng.choice(n_cls - 1, size=n_obj - 1, replace=False) + 1
+    return [int(o) + (o >= first) for o in others] + [first]
+
+
+def place_object(rng: np.random.Generator, radius: tuple[float, float], size: int, aspect: tuple[float, float],
+                 margin: float) -> tuple[float, float, float, float, int, tuple[int, int, int, int]]:
+    """Radii, centre, border width and bounding box ``(y0, y1, x0, x1)`` of one object (a fixed draw order)."""
+    r = rng.uniform(*radius) * size
+    a = rng.uniform(*aspect)
+    rx, ry = r * np.sqrt(a), r / np.sqrt(a)
+    cx = rng.uniform(margin * rx, size - margin * rx)
+    cy = rng.uniform(margin * ry, size - margin * ry)
+    border = int(rng.integers(1, 3))
+    box = (max(0, int(cy - ry) - 3), min(size, int(cy + ry) + 4), max(0, int(cx - rx) - 3), min(size, int(cx + rx) + 4))
+    return rx, ry, cx, cy, border, box
+
 def class_style(c: int, n_classes: int) -> dict:
     """Fixed appearance parameters of foreground class ``c`` (1-based).
 
@@ -146,22 +168,10 @@ def render(
     rng = np.random.default_rng([seed, split_code, index])
     image = _background(rng, size)
     label = np.zeros((size, size), dtype=np.uint8)
-    first = index % n_cls + 1
-    n_obj = int(rng.choice([1, 2, 3], p=[0.4, 0.35, 0.25]))
-    others = rng.choice(n_cls - 1, size=n_obj - 1, replace=False) + 1
-    others = [int(o) + (o >= first) for o in others]  # any class but ``first``
-    for c in others + [first]:  # the guaranteed class is drawn on top
+    for c in object_classes(rng, index, n_cls, (0.4, 0.35, 0.25)):
         style = class_style(c, n_cls)
-        lo, hi = style["radius"]
-        r = rng.uniform(lo, hi) * size
-        aspect = rng.uniform(0.75, 1.33)
-        rx, ry = r * np.sqrt(aspect), r / np.sqrt(aspect)
-        cx = rng.uniform(0.6 * rx, size - 0.6 * rx)
-        cy = rng.uniform(0.6 * ry, size - 0.6 * ry)
-        border = int(rng.integers(1, 3))
+        rx, ry, cx, cy, border, (y0, y1, x0, x1) = place_object(rng, style["radius"], size, (0.75, 1.33), 0.6)
         oy, ox = (int(v) for v in rng.integers(0, 16, 2))
-        y0, y1 = max(0, int(cy - ry) - 3), min(size, int(cy + ry) + 4)
-        x0, x1 = max(0, int(cx - rx) - 3), min(size, int(cx + rx) + 4)
         dy = (np.arange(y0, y1, dtype=np.float32)[:, None] - cy) / ry
         dx = (np.arange(x0, x1, dtype=np.float32)[None, :] - cx) / rx
         if style["shape"] == "ellipse":

@@ -157,27 +157,15 @@ def render_style(dataset_classes: int, void: int, style: str, index: int, split_
     Returns:
         ``(size x size x 3 uint8 image, size x size uint8 label)``.
     """
-    from csseg_core.data.synth import _dilate
+    from csseg_core.data.synth import _dilate, object_classes, place_object
 
     n_cls = dataset_classes
     rng = np.random.default_rng([seed, split_code, index, _STYLE_ID[style]])
     image = _background(style, rng, size)
     label = np.zeros((size, size), dtype=np.uint8)
-    first = index % n_cls + 1
-    n_obj = int(rng.choice([1, 2, 3], p=[0.35, 0.4, 0.25]))
-    others = rng.choice(n_cls - 1, size=n_obj - 1, replace=False) + 1
-    others = [int(o) + (o >= first) for o in others]
-    for c in others + [first]:  # the guaranteed class is drawn on top
+    for c in object_classes(rng, index, n_cls, (0.35, 0.4, 0.25)):  # the guaranteed class is drawn on top
         look = class_look(style, c, n_cls)
-        lo, hi = look["radius"]
-        r = rng.uniform(lo, hi) * size
-        aspect = rng.uniform(0.8, 1.25)
-        rx, ry = r * np.sqrt(aspect), r / np.sqrt(aspect)
-        cx = rng.uniform(0.5 * rx, size - 0.5 * rx)
-        cy = rng.uniform(0.5 * ry, size - 0.5 * ry)
-        border = int(rng.integers(1, 3))
-        y0, y1 = max(0, int(cy - ry) - 3), min(size, int(cy + ry) + 4)
-        x0, x1 = max(0, int(cx - rx) - 3), min(size, int(cx + rx) + 4)
+        rx, ry, cx, cy, border, (y0, y1, x0, x1) = place_object(rng, look["radius"], size, (0.8, 1.25), 0.5)
         ys = np.arange(y0, y1, dtype=np.float32)
         xs = np.arange(x0, x1, dtype=np.float32)
         mask = _mask(look, rng, (xs[None, :] - cx) / rx, (ys[:, None] - cy) / ry)

@@ -251,14 +251,17 @@ def load_body_weights(body: nn.Module, state: dict[str, torch.Tensor], source: s
             f"pretrained weights {source} lack {len(missing)} of {len(needed)} backbone keys "
             f"(first: {', '.join(missing[:3])}); is it the same architecture?"
         )
-    wrong = [k for k in needed if cleaned[k].shape != own[k].shape]
+    require_same_shapes(cleaned, own, needed, f"pretrained weights {source}", "is it the same architecture?")
+    body.load_state_dict({k: v for k, v in cleaned.items() if k in own}, strict=False)
+
+
+def require_same_shapes(state: dict, own: dict, keys, source: str, hint: str) -> None:
+    """One-line ConfigError when a tensor of ``keys`` has another shape in ``state`` than in ``own``."""
+    wrong = [k for k in keys if state[k].shape != own[k].shape]
     if wrong:
         k = wrong[0]
-        raise ConfigError(
-            f"pretrained weights {source}: {len(wrong)} shape mismatches, e.g. {k} "
-            f"{tuple(cleaned[k].shape)} vs {tuple(own[k].shape)}; is it the same architecture?"
-        )
-    body.load_state_dict({k: v for k, v in cleaned.items() if k in own}, strict=False)
+        raise ConfigError(f"{source}: {len(wrong)} tensor(s) of another shape, e.g. {k} has shape "
+                          f"{tuple(state[k].shape)}, expected {tuple(own[k].shape)} ({hint})")
 
 
 def build_body(name: str, output_stride: int = 16, pretrained: str | Path | None = None, *,

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from csseg_core.errors import ConfigError
-from csseg_core.models.backbones import build_body
+from csseg_core.models.backbones import build_body, require_same_shapes
 
 __all__ = ["ASPPHead", "HEAD_ACTS", "IncrementalSegmenter", "build_model", "load_previous"]
 
@@ -281,12 +281,7 @@ def load_previous(model: IncrementalSegmenter, state_dict: Mapping[str, torch.Te
         )
     if len(missing) not in (0, len([k for k in own if k.startswith(new_prefix)])):
         raise ConfigError(f"previous state holds only part of classifier {new_prefix.rstrip('.')}")
-    wrong = [k for k in state if state[k].shape != own[k].shape]
-    if wrong:
-        k = wrong[0]
-        raise ConfigError(
-            f"previous state does not fit this model: {k} has shape {tuple(state[k].shape)}, "
-            f"expected {tuple(own[k].shape)} (another backbone, head or class split?)"
-        )
+    require_same_shapes(state, own, state, "previous state does not fit this model",
+                        "another backbone, head or class split?")
     model.load_state_dict(state, strict=False)
     return missing
