@@ -279,9 +279,32 @@ class LocalCluster:
         self.stop()
 
 
+def _ports_free(base_port: int, nodes: int) -> bool:
+    """Whether every port a LocalCluster of ``nodes`` nodes at ``base_port`` uses can be bound now."""
+    ports = [base_port + 20 * i + k for i in range(nodes) for k in range(20)]
+    ports += [base_port + 1000 + 100 * i + k for i in range(nodes) for k in range(100)]
+    for port in ports:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("", port))
+            except OSError:
+                return False
+    return True
+
+
+def free_base_port(start: int = 27100, nodes: int = 2, step: int = 400, tries: int = 20) -> int:
+    """The first ``start + k * step`` whose whole port layout is free (another Ray on the box may hold some)."""
+    for k in range(tries):
+        if _ports_free(start + k * step, nodes):
+            return start + k * step
+    raise RuntimeError(f"no free port block for a {nodes}-node cluster from {start} (step {step})")
+
+
 @pytest.fixture(scope="module", name="two_node_cluster")
 def two_node_cluster_fixture():
-    """A head (dashboard on) + 1 worker node, 1 CPU each, on ports 27100.., stopped by pid at the end."""
-    with LocalCluster(base_port=int(os.environ.get("CSSEG_TEST_CLUSTER_PORT", "27100")), workers=1, cpus=1,
+    """A head (dashboard on) + 1 worker node, 1 CPU each, on the first free port block from 27100
+    (``CSSEG_TEST_CLUSTER_PORT`` pins it), stopped by pid at the end."""
+    port = os.environ.get("CSSEG_TEST_CLUSTER_PORT")
+    with LocalCluster(base_port=int(port) if port else free_base_port(), workers=1, cpus=1,
                       dashboard=True) as cluster:
         yield cluster

@@ -9,23 +9,13 @@ import pytest
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     """Contract of the declared markers: a test that starts Ray (asks for ``ray_session``) is marked
-    ``ray``, so ``pytest -m "not ray"`` (and ``-m "not slow"``) really leaves Ray out.
-
-    Under pytest-xdist (``-n 2 --dist loadgroup``, the default addopts) the Ray tests run in two
-    groups, each on one worker: those sharing the session's local Ray (``ray-session``), and those
-    that start their own Ray or cluster in subprocesses (``ray-own``: fixed cluster ports, and two
-    such runs at once would starve each other of the 2 cores). Everything else spreads freely."""
+    ``ray``, so ``pytest -m "not ray"`` (and ``-m "not slow"``) really leaves Ray out."""
     unmarked = [item.nodeid for item in items
                 if "ray_session" in getattr(item, "fixturenames", ()) and item.get_closest_marker("ray") is None]
     if unmarked:
         raise pytest.UsageError("tests that start Ray must carry @pytest.mark.ray: " + ", ".join(unmarked))
-    for item in items:
-        if item.get_closest_marker("ray") is not None:
-            shared = "ray_session" in getattr(item, "fixturenames", ())
-            item.add_marker(pytest.mark.xdist_group("ray-session" if shared else "ray-own"))
 
 
 @pytest.fixture(scope="session", autouse=True)
