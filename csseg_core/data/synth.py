@@ -44,7 +44,6 @@ DEFAULTS = {
 _SHAPES = ("ellipse", "rectangle", "triangle")
 
 
-
 def object_classes(rng: np.random.Generator, index: int, n_cls: int, p_count: tuple[float, float, float]) -> list[int]:
     """1–3 distinct classes of one image (``p_count``: P(1), P(2), P(3) objects); the last is the
     guaranteed class ``index % n_cls + 1`` (drawn on top), the others any class but that one."""
@@ -65,6 +64,7 @@ def place_object(rng: np.random.Generator, radius: tuple[float, float], size: in
     border = int(rng.integers(1, 3))
     box = (max(0, int(cy - ry) - 3), min(size, int(cy + ry) + 4), max(0, int(cx - rx) - 3), min(size, int(cx + rx) + 4))
     return rx, ry, cx, cy, border, box
+
 
 def class_style(c: int, n_classes: int) -> dict:
     """Fixed appearance parameters of foreground class ``c`` (1-based).
