@@ -32,14 +32,9 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError
 
-from csseg_core.atomic import atomic_path
+from .tables import write_json
 
 READY, TRAIN, WAIT = "ready", "train", "wait"
-
-
-def _write_json(path: Path, data: Any) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=1, default=str))
 
 
 def step0_dir(sweep_dir: str | os.PathLike) -> Path:
@@ -66,7 +61,7 @@ def seed_state(root: str | os.PathLike, key: str, state_file: str | os.PathLike,
     target = state_path(root, key)
     if not target.exists():
         target.symlink_to(Path(state_file).resolve())
-    _write_json(meta_path(root, key), {"key": key, "metrics": metrics, "trained_by": trained_by})
+    write_json(meta_path(root, key), {"key": key, "metrics": metrics, "trained_by": trained_by})
 
 
 class Step0Cache:
@@ -119,8 +114,8 @@ class Step0Cache:
             self._entries[key] = {"ref": ray.put(arrays), "metrics": dict(metrics)}
             self._stats["trained"] += 1
             self._stats["trained_by"][key] = owner
-            _write_json(meta_path(self._root, key), {"key": key, "metrics": metrics, "trained_by": owner})
-            _write_json(self._root / "stats.json", {"trained": self._stats["trained"],
+            write_json(meta_path(self._root, key), {"key": key, "metrics": metrics, "trained_by": owner})
+            write_json(self._root / "stats.json", {"trained": self._stats["trained"],
                                                     "trained_by": self._stats["trained_by"]})
         self._leases.pop(key, None)
         return True

@@ -50,6 +50,16 @@ DRIVER_RESOURCES = {"CPU": 0, "memory": 1 << 20}
 sys.modules.setdefault(f"{__package__}.runner", sys.modules[__name__])
 
 
+def _error_line(trial) -> str | None:
+    """The last non-empty line of Tune's ``error.txt`` for ``trial`` (a traceback ends with the error)."""
+    path = getattr(trial, "error_file", None)
+    with contextlib.suppress(OSError):
+        if path and Path(path).exists():
+            lines = [ln for ln in Path(path).read_text().strip().splitlines() if ln.strip()]
+            return lines[-1] if lines else None
+    return None
+
+
 class TablesCallback(tune.Callback):
     """Records how Tune ended each trial, then merges its fragments into the Parquet tables (driver process only).
 
@@ -63,9 +73,8 @@ class TablesCallback(tune.Callback):
 
     def _merge(self, trial, ended: str) -> None:
         try:
-            error = None
-            if ended == "error" and getattr(trial, "error_file", None) and Path(trial.error_file).exists():
-                error = Path(trial.error_file).read_text().strip().splitlines()[-1][:500]
+            line = _error_line(trial) if ended == "error" else None
+            error = line[:500] if line else None
             last = getattr(trial, "last_result", None) or {}
             step, wall = last.get("step"), last.get("time_total_s")
             record_end(self.sweep_dir, trial.trial_id, ended, error=error,
@@ -114,15 +123,10 @@ class LiveCallback(tune.Callback):
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         if (view := self._view()) is None:
             return
-        path = getattr(trial, "error_file", None)
-        message = None
-        with contextlib.suppress(OSError):
-            if path and Path(path).exists():  # Tune's error.txt: a traceback whose last line is the error
-                lines = [ln for ln in Path(path).read_text().strip().splitlines() if ln.strip()]
-                message = lines[-1].split("TrialError: ", 1)[-1][:300] if lines else None
+        line = _error_line(trial)
+        message = line.split("TrialError: ", 1)[-1][:300] if line else None
         view.update(view.progress.end(self.cell, trial.trial_id, time.time(), error=message or "failed",
-                                      error_path=path), ended=True)
-
+                                      error_path=getattr(trial, "error_file", None)), ended=True)
 
 
 def announce_data(plan: Plan) -> None:
