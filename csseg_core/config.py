@@ -75,6 +75,10 @@ class ExperimentConfig:
     """All-reduce the prototype statistics across DDP ranks every iteration (true) or keep one
     running mean per rank and save rank 0's, as the official code (false). A no-op on one process
     (``--workers 1``, the default). §4."""
+    sync_bn: bool = True
+    """Synchronise the BatchNorm statistics across DDP ranks (true: N workers train like one on the
+    global batch, as the reference's multi-GPU ``InPlaceABNSync``) or keep one set per rank (false).
+    A no-op on one process. ``csseg_core/models/sync_bn.py``."""
     crop_size: int = 64
     crop_val: bool = True
     val_fraction: float = 0.15
@@ -197,7 +201,8 @@ _RETIRED = {"fault_nan_step": -1}
 them, and a config file that names them with that value (every config.yaml written before) is read."""
 _FIELDS = {f.name: f for f in dataclasses.fields(ExperimentConfig) if f.name not in ("scenario", "method", "params")}
 _HASHED_IF_SET = {k: _FIELDS[k].default for k in ("bn_momentum", "backbone_dilation", "head_act", "pool_window",
-                                                   "sdr_feature_gather", "attraction_reduce", "sync_prototypes", "amp")}
+                                                   "sdr_feature_gather", "attraction_reduce", "sync_prototypes", "amp",
+                                                   "sync_bn")}
 _HASHED_IF_SET["grad_clip_incremental"] = 0.0  # added later with a non-zero smoke default: only "off" keeps old keys
 # The reference network (SDR ``make_model_v2``: ``net/resnet_atrous.py`` + ``modules/deeplab.py``).
 REFERENCE_MODEL = dict(bn_momentum=0.0003, backbone_dilation="reference", head_act="none", pool_window=32)

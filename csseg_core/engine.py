@@ -29,8 +29,8 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
-from torch.utils.data.distributed import DistributedSampler
 
 from . import losses as L
 from .config import ExperimentConfig
@@ -45,17 +45,26 @@ __all__ = ["ShardSampler", "StepPlan", "Tally", "autocast", "default_device", "d
 
 
 class ShardSampler(torch.utils.data.Sampler):
-    """Evaluation shard of one rank: ``indices[rank::world]``, no padding, so the all-reduced
-    confusion matrix counts every image exactly once (DistributedSampler pads with duplicates)."""
+    """One rank's shard of an order: ``order[rank::world]``.
 
-    def __init__(self, n: int, rank: int, world: int) -> None:
-        self.indices = list(range(rank, n, world))
+    Evaluation (``generator`` None): the dataset's order, no padding, so the all-reduced confusion
+    matrix counts every image exactly once (DistributedSampler pads with duplicates).
+    Training (``generator`` given): each epoch takes the one-process run's order (a
+    ``RandomSampler`` on the same generator, run to its end as a whole epoch runs it), keeps whole global batches of ``batch`` images
+    (a multiple of ``world``) and deals it out, so the ranks' batches together are the one-process
+    run's batches, and every rank gets as many images (DDP's collectives need as many batches)."""
+
+    def __init__(self, n: int, rank: int, world: int, generator: torch.Generator | None = None,
+                 batch: int = 1) -> None:
+        self.n, self.rank, self.world, self.generator = n, rank, world, generator
+        self.kept = n if generator is None else n - n % (batch if n >= batch else world)
 
     def __iter__(self):
-        return iter(self.indices)
+        order = range(self.n) if self.generator is None else list(RandomSampler(range(self.n), generator=self.generator))
+        return iter(order[self.rank:self.kept:self.world])
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(range(self.rank, self.kept, self.world))
 
 
 def make_loader(dataset, cfg: ExperimentConfig, *, train: bool, seed: int) -> DataLoader:
@@ -70,7 +79,7 @@ def make_loader(dataset, cfg: ExperimentConfig, *, train: bool, seed: int) -> Da
     if world > 1 and not train:
         sampler = ShardSampler(len(dataset), rank, world)
     elif world > 1:
-        sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=seed, drop_last=True)
+        sampler = ShardSampler(len(dataset), rank, world, generator, batch=max(1, cfg.batch_size // world) * world)
     elif train:
         sampler = RandomSampler(dataset, generator=generator)
     else:
@@ -197,6 +206,18 @@ def train_one_epoch(plan: StepPlan, batches: Iterable, tally: Tally, logger: Ste
     tally.train_time += time.perf_counter() - t0
 
 
+def _mean_over_ranks(sums: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Loss sums averaged over the DDP ranks (each rank's losses are those of its shard of the global
+    batch; one process: ``sums`` as they are)."""
+    world = dist_info()[1]
+    if world == 1 or not sums:
+        return sums
+    names = sorted(sums)
+    total = torch.tensor([sums[k] for k in names], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return {k: v / world for k, v in zip(names, total.tolist())}
+
+
 def _evaluate_splits(plan: StepPlan, prev_state: dict | None) -> tuple[dict[str, Any], dict[str, list[float]]]:
     """Metrics on the held-out validation split (``val_*``), then the test split, and the mIoU histories."""
     metrics: dict[str, Any] = {}
@@ -246,9 +267,7 @@ def run_step(cfg: ExperimentConfig, step: int, prev_state: dict | None = None, *
                         total=total, log_every=cfg.log_every)
     tally = Tally(total)
     try:
-        for epoch in range(epochs):
-            if isinstance(loader.sampler, DistributedSampler):
-                loader.sampler.set_epoch(epoch)
+        for _ in range(epochs):
             batches, first = (loader if first is None else first), None
             train_one_epoch(plan, batches, tally, logger)
     finally:
@@ -259,7 +278,8 @@ def run_step(cfg: ExperimentConfig, step: int, prev_state: dict | None = None, *
     for c in plan.ctx.collectors.values():
         statistics.update(c.finalize(plan.model))
     metrics, histories = _evaluate_splits(plan, prev_state)
-    metrics.update(step=step, losses={k: v / max(tally.it, 1) for k, v in tally.sums.items()},
+    losses = _mean_over_ranks(tally.sums, plan.device)
+    metrics.update(step=step, losses={k: v / max(tally.it, 1) for k, v in losses.items()},
                    wall_s=time.perf_counter() - started,
                    images_per_s=tally.n_images / tally.train_time if tally.train_time > 0 else 0.0,
                    n_train_images=len(plan.datasets["train"]), iterations=tally.it)

@@ -27,6 +27,7 @@ from .data import build_datasets, default_data_root
 from .errors import ConfigError
 from .methods import Method, StepContext, build_method, required_statistics
 from .models import build_model, load_previous
+from .models.sync_bn import sync_batchnorm
 from .scenarios import Scenario, get_scenario
 
 
@@ -167,6 +168,9 @@ def plan_step(cfg: ExperimentConfig, step: int, prev_state: dict | None = None, 
     incremental = step > 0
     collect = required_statistics([cfg.method], collect)
     rank, world = dist_info()
+    if cfg.batch_size % world:
+        raise ConfigError(f"batch_size {cfg.batch_size} does not split over {world} DDP workers (it is the global "
+                          f"batch); pass --set batch_size=<a multiple of {world}> or another number of workers")
     device = default_device()
     autocast(cfg.amp, device)  # fails early for fp16 without CUDA
     seed_everything(cfg.seed + 1000 * step + rank)
@@ -190,6 +194,8 @@ def plan_step(cfg: ExperimentConfig, step: int, prev_state: dict | None = None, 
     for m in (model, teacher):
         if m is not None:
             m.to(memory_format=layout)
+    if world > 1 and cfg.sync_bn:
+        model = sync_batchnorm(model, device)
     fix_bn = cfg.fix_bn or (incremental and cfg.fix_bn_incremental)
     if fix_bn:
         model.fix_bn()
