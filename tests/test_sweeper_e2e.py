@@ -210,3 +210,47 @@ def test_journal_holds_every_finished_trial_and_the_report_reads_it(lwf_sweep, t
     out = report(sweep_dir, tmp_path / "report")
     assert out["figures"] >= 2 * 5 and len(out["pngs"]) == out["figures"]
     assert out["html"].read_text().count('class="plotly-graph-div"') == out["figures"]
+
+
+@pytest.fixture
+def throwaway_module():
+    """The throw-away method of tests/test_methods.py written into the methods package and its space
+    into search_spaces/ (removed afterwards): what a researcher adding a method does. The Ray
+    workers import the package on their own, so the files must be where the package is."""
+    import importlib
+    import sys
+
+    from test_methods import THROWAWAY_METHOD, THROWAWAY_SPACE
+
+    import csseg_core.methods as M
+    import search_spaces as S
+    from csseg_core.methods import base
+
+    files = {Path(M.__file__).parent / "throwaway_method.py": THROWAWAY_METHOD,
+             Path(S.__file__).parent / "throwaway.py": THROWAWAY_SPACE}
+    assert not any(path.exists() for path in files), "a throw-away module was left behind"
+    registry = dict(base._REGISTRY)
+    try:
+        for path, text in files.items():
+            path.write_text(text)
+        importlib.invalidate_caches()
+        yield "throwaway"
+    finally:
+        for path in files:
+            path.unlink(missing_ok=True)
+        for module in ("csseg_core.methods.throwaway_method", "search_spaces.throwaway"):
+            sys.modules.pop(module, None)
+        base._REGISTRY.clear()
+        base._REGISTRY.update(registry)
+
+
+def test_a_method_added_as_one_module_runs_in_a_sweep(throwaway_module, tiny_voc, tmp_path):
+    """Nothing but the method's module and its space: the sweep plans it, its Ray workers import it,
+    its preset is the first trial, and its loss term reaches steps.parquet."""
+    spec = _spec(tmp_path, tiny_voc, name="throwaway", scenarios=("voc-19-1",), method=throwaway_module, trials=1,
+                 concurrency=1)
+    sweep_dir = run_sweep(spec)
+    (trial,) = pq.read_table(sweep_dir / "trials.parquet").to_pylist()
+    assert trial["status"] == "ok" and trial["method"] == "throwaway" and trial["param_hint"] == 3.0, trial
+    step1 = next(r for r in pq.read_table(sweep_dir / "steps.parquet").to_pylist() if r["step"] == 1)
+    assert step1["loss_hint_kd"] > 0 and step1["status"] == "ok"

@@ -30,6 +30,7 @@ def discover() -> list[str]:
     methods); the names of the modules imported."""
     found = sorted({m.name for m in pkgutil.iter_modules(__path__)} - {"base"})
     names = [name for name in found if not name.startswith("_")]
+    importlib.invalidate_caches()  # finders may hold a listing older than a module just added
     for name in names:
         importlib.import_module(f"{__name__}.{name}")
     return names

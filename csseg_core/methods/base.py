@@ -166,6 +166,10 @@ def list_methods() -> list[str]:
 def canonical_method(name: str) -> str:
     """Lower-case canonical name (accepts the reference spellings MiB, LWF-MC, lwf_mc)."""
     key = name.strip().lower().replace("_", "-")
+    if key not in _REGISTRY:  # a method module added since this process imported the package
+        from . import discover
+
+        discover()
     if key not in _REGISTRY:
         close = difflib.get_close_matches(key, list(_REGISTRY), n=3, cutoff=0.4)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
