@@ -123,23 +123,15 @@ def warm_data(cfg, steps: Iterable[int]) -> None:
 
 
 def fixed_step0(cfg) -> tuple[dict, Path]:
-    """The step-0 state of ``cfg``, trained once per step-0 key and kept in the bench home."""
-    from csseg_core.state import load_state, save_state
-
-    path = Path(os.environ["CSSEG_HOME"]) / "states" / f"bench-step0-{cfg.step_key(0)}.pt"
-    from csseg_core.collectors import held_statistics
+    """The step-0 state of ``cfg`` with every statistic (for any method) and its file: the shared
+    step-0 state of the bench home, trained there once per step-0 key."""
     from csseg_core.methods import STATISTICS
+    from csseg_core.scenario_run import shared_step0, shared_step0_path
 
-    if path.exists():
-        state = load_state(path)
-        if "metrics" in state and held_statistics(state) >= set(STATISTICS):
-            return state, path
-    print(f"[bench] training the fixed step-0 state once (every statistic, for any method) -> {path}", flush=True)
-    from csseg_core.engine import run_step
-
-    state, _ = run_step(cfg, 0, collect=STATISTICS)
-    save_state(state, path)
-    return state, path
+    path = shared_step0_path(cfg)
+    if not path.exists():
+        print(f"[bench] training the fixed step-0 state once (every statistic, for any method) -> {path}", flush=True)
+    return shared_step0(cfg, collect=STATISTICS), path
 
 
 def seed_step0(sweep_dir: Path, cfg, state_file: Path) -> None:

@@ -14,7 +14,7 @@ contracts)::
     methods       register_method, Method, StepContext, weight, get_method, list_methods, method_defaults, STATISTICS
     collectors    register_statistic, held_statistics, build_collectors (what a step collects)
     engine        run_step, evaluate, make_loader, default_device, timed_phases, plan_step, StepPlan
-    scenario_run  run_scenario, checkpoint_path, shared_step0_path (all steps of one configuration, on disk)
+    scenario_run  run_scenario, checkpoint_path, shared_step0_path, shared_step0 (all steps of one configuration, on disk)
     evaluation    evaluate_state (``csseg test``)
     state         save_state, load_state, state_to_numpy, state_from_numpy
     results       step_row, append_rows, read_rows, METRIC_KEYS (the Parquet tables)

@@ -49,6 +49,31 @@ def shared_step0_path(cfg: ExperimentConfig) -> Path:
     return csseg_home() / "states" / f"step0-{cfg.step_key(0)}.pt"
 
 
+def finished_state(path: Path | None, step: int, need: set[str]) -> tuple[dict | None, set[str] | None]:
+    """``(state, held)`` of the finished state at ``path`` (one with metrics) when it holds the
+    statistics ``need`` (a step-0 state records those it holds; a later step's has its method's);
+    ``(None, held)`` when it lacks some, ``(None, None)`` when there is none."""
+    if path is None or not path.exists():
+        return None, None
+    state = load_state(path)
+    if state.get("metrics") is None:
+        return None, None
+    held = held_statistics(state) if step == 0 else need
+    return (state, held) if need <= held else (None, held)
+
+
+def shared_step0(cfg: ExperimentConfig, collect: Iterable[str] = ()) -> dict:
+    """The shared step-0 state of ``cfg`` (:func:`shared_step0_path`), holding the statistics that
+    ``cfg.method`` and ``collect`` need: read when it has them, else trained once (with the union of
+    what it held) and saved there. One process; what tests and benchmarks start their steps from."""
+    need = set(required_statistics([cfg.method], collect))
+    state, held = finished_state(shared_step0_path(cfg), 0, need)
+    if state is None:
+        state, _ = run_step(cfg, 0, collect=sorted(need | (held or set())))
+        save_state(state, shared_step0_path(cfg))
+    return state
+
+
 def write_config(cfg: ExperimentConfig, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -112,17 +137,13 @@ def run_scenario(cfg: ExperimentConfig, out_dir: str | Path, *, steps: Iterable[
         saved, source, lacking = None, None, None
         if resume:  # every rank reads the same files, so every rank decides the same
             for path in (ckpt, shared):
-                if path is None or not path.exists():
-                    continue
-                candidate = load_state(path)
-                if candidate.get("metrics") is None:
-                    continue
-                held = held_statistics(candidate) if step == 0 else need
-                if need <= held:
+                candidate, held = finished_state(path, step, need)
+                if candidate is not None:
                     saved, source = candidate, path
                     break
-                collect |= held  # step 0 for another method: train it again with the union
-                lacking = lacking or (path, held)
+                if held is not None:  # step 0 for another method: train it again with the union
+                    collect |= held
+                    lacking = lacking or (path, held)
         if not resume and shared is not None and shared.exists():
             collect |= held_statistics(load_state(shared))  # retraining never shrinks the shared state
         if saved is None and lacking is not None and rank == 0:

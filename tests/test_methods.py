@@ -8,7 +8,6 @@ iterations) on the session's synthetic VOC, with one torch thread (2 shared core
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,7 +27,7 @@ from csseg_core.methods import (
     weight_terms,
 )
 from csseg_core.metrics import ConfusionMatrix
-from csseg_core.state import load_state, save_state
+from csseg_core.scenario_run import shared_step0
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -45,16 +44,6 @@ STAT_KEYS = {"prototypes": {"prototypes", "prototype_counts"}, "fisher": {"fishe
 
 
 # ----------------------------------------------------------------------------- shared setup
-def shared_step0(csseg_home: Path, cfg) -> dict:
-    """The step-0 state of ``cfg`` with every statistic (so every method continues from it),
-    trained once per session and cached under $CSSEG_HOME by its key."""
-    path = Path(csseg_home) / "shared-step0" / f"step0-{cfg.step_key(0)}.pt"
-    if not path.is_file():
-        state, _ = run_step(cfg, 0, collect=STATISTICS)
-        save_state(state, path)
-    return load_state(path)
-
-
 @pytest.fixture(scope="module")
 def make_cfg(voc_root, micro_overrides):
     def make(method="ft", **params):
@@ -66,7 +55,7 @@ def make_cfg(voc_root, micro_overrides):
 @pytest.fixture(scope="module")
 def step0(csseg_home, make_cfg):
     """ONE step-0 state (trained with the FT config) used by every method's step 1."""
-    state = shared_step0(csseg_home, make_cfg("ft"))
+    state = shared_step0(make_cfg("ft"), collect=STATISTICS)  # every method continues from it
     snapshot = _clone(state)
     return state, snapshot
 
