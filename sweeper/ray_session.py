@@ -110,6 +110,7 @@ def init_ray(spec: SweepSpec) -> tuple[bool, str | None]:
             with pinned_gcs_port(env):
                 ctx = ray.init(include_dashboard=spec.dashboard, dashboard_host="127.0.0.1", runtime_env=env, **quiet)
         except Exception as err:  # noqa: BLE001 - minimal ray: go on without the dashboard
+            ray.shutdown()  # what the failed start left running (its GCS, raylet), before starting again
             log(f"Ray dashboard unavailable ({err}); starting without it")
             with pinned_gcs_port(env):
                 ctx = ray.init(include_dashboard=False, runtime_env=env, **quiet)

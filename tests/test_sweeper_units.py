@@ -67,6 +67,30 @@ def test_asha_without_dashboard_is_allowed_on_a_cluster_someone_else_started(tmp
     plan_sweep(SweepSpec(**base))
 
 
+def test_a_failed_first_ray_start_is_shut_down_before_the_start_without_dashboard(tmp_path, monkeypatch):
+    """Ray without its dashboard extras fails the first ``ray.init``: whatever that start left
+    running is shut down before Ray starts again without the dashboard (no Ray is started here)."""
+    from types import SimpleNamespace
+
+    from sweeper import ray_session
+
+    calls: list[str] = []
+
+    def init(include_dashboard, **kwargs):
+        calls.append(f"init dashboard={include_dashboard}")
+        if include_dashboard:
+            raise RuntimeError("dashboard failed")
+        return SimpleNamespace(address_info={}, dashboard_url=None)
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray_session.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray_session.ray, "init", init)
+    monkeypatch.setattr(ray_session.ray, "shutdown", lambda: calls.append("shutdown"))
+    own, url = ray_session.init_ray(SweepSpec(scenarios="voc-15-1", storage=str(tmp_path)))
+    assert (own, url) == (True, None)
+    assert calls == ["init dashboard=True", "shutdown", "init dashboard=False"]
+
+
 def test_unwritable_storage_names_the_dir(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match=f"{tmp_path / 'file'} is not writable"):
