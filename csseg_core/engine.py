@@ -50,9 +50,10 @@ class ShardSampler(torch.utils.data.Sampler):
     Evaluation (``generator`` None): the dataset's order, no padding, so the all-reduced confusion
     matrix counts every image exactly once (DistributedSampler pads with duplicates).
     Training (``generator`` given): each epoch takes the one-process run's order (a
-    ``RandomSampler`` on the same generator, run to its end as a whole epoch runs it), keeps whole global batches of ``batch`` images
-    (a multiple of ``world``) and deals it out, so the ranks' batches together are the one-process
-    run's batches, and every rank gets as many images (DDP's collectives need as many batches)."""
+    ``RandomSampler`` on the same generator, run to its end as a whole epoch runs it), keeps whole
+    global batches of ``batch`` images (a multiple of ``world``) and deals them out, so the ranks'
+    batches together are the one-process run's batches and every rank gets as many images (DDP's
+    collectives need as many batches on every rank)."""
 
     def __init__(self, n: int, rank: int, world: int, generator: torch.Generator | None = None,
                  batch: int = 1) -> None:
