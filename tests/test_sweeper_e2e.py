@@ -1,12 +1,13 @@
 """End-to-end sweeps through ``run_sweep`` on a tiny synthetic VOC (local Ray, 2 CPUs).
 
-Two sweeps in all (each TorchTrainer launch costs ~15 s here):
+Three real sweeps (each TorchTrainer launch costs ~15 s here; the Ctrl-C test fakes its cells):
 * ``lwf_sweep``: 2 scenarios x 2 trials at concurrency 2 -> tables, step-0 once per cell,
   export/resolve, re-run and restore without re-running anything;
 * the fault sweep: 2 workers per trial, one trial whose loss turns NaN at step 1 (LwF's teacher
   scale ``alpha`` infinite: the KD term is NaN, no test hook in the product; retried once from the
   cached step 0, then recorded as an error) and one healthy trial compared with csseg's own
-  2-process DDP run of the same configuration.
+  2-process DDP run of the same configuration;
+* the throw-away method's 1-trial sweep: a method added as one module in the package runs.
 """
 
 from __future__ import annotations
