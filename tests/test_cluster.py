@@ -187,7 +187,7 @@ def test_worker_node_lost_mid_step_trial_goes_on_from_its_checkpoint(two_node_cl
     nodes = two_node_cluster.node_ids
     storage, log_path = tmp_path / "sweeps", tmp_path / "sweep.out"
     args = sweep_args(storage, "node-loss", cluster_data, "--address", two_node_cluster.address,
-                      sets=(*TINY, "epochs_incremental=2"))
+                      sets=(*TINY, "epochs_incremental=6"))  # step 2 lasts ~5 s: the kill lands inside it
     args[1], args[args.index("--max-failures") + 1] = "voc-10-5-5", "1"  # 3 steps; one retry
     sweep_dir = storage / "node-loss"
     proc, victim = _run_until(args, two_node_cluster.env, log_path, lambda: _mid_step2_on(sweep_dir, nodes["w1"]))
