@@ -209,3 +209,29 @@ def test_tiny_backbone_never_imports_torchvision():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=str(Path(__file__).resolve().parents[1]))
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("size", [5, 6, 7, 12])
+def test_atrous_branches_equal_the_full_convolution_at_every_map_size(size):
+    """Rate ≥ map size takes the 1×1 centre-tap shortcut; the output and every gradient
+    (the off-centre taps' zero ones included) must equal the full 3×3 dilated convolution."""
+    from csseg_core.models import ASPPHead
+    from csseg_core.models.deeplab import _atrous
+
+    torch.manual_seed(0)
+    head = ASPPHead(8, 6, output_stride=16).double()  # rates 6, 12, 18: 5 and 6 px maps take the shortcut for all
+    x = torch.randn(2, 8, size, size, dtype=torch.double, requires_grad=True)
+    full_calls = []
+    for conv in head.map_convs:
+        hook = conv.register_forward_pre_hook(lambda module, args: full_calls.append(module.dilation[0]))
+        fast = _atrous(conv, x)
+        hook.remove()
+        full = conv(x)
+        torch.testing.assert_close(fast, full, rtol=1e-12, atol=1e-12)
+        g = torch.randn_like(full)
+        gw_fast, gx_fast = torch.autograd.grad(fast, (conv.weight, x), g)
+        gw_full, gx_full = torch.autograd.grad(full, (conv.weight, x), g)
+        torch.testing.assert_close(gw_fast, gw_full, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(gx_fast, gx_full, rtol=1e-12, atol=1e-12)
+    # the full convolution runs exactly where the rate is below the map size (its taps see data)
+    assert full_calls == [1] + [rate for rate in (6, 12, 18) if rate < size]
