@@ -78,8 +78,8 @@ def unbiased_cross_entropy(logits: Tensor, target: Tensor, n_old: int,
     """
     if not 1 <= n_old <= logits.shape[1]:
         raise ValueError(f"n_old must be in [1, {logits.shape[1]}], got {n_old}")
-    den = torch.logsumexp(logits, dim=1, keepdim=True)
-    logp = torch.cat([torch.logsumexp(logits[:, :n_old], dim=1, keepdim=True), logits[:, n_old:]], 1) - den
+    lsm = torch.log_softmax(logits, dim=1)  # one fused pass (forward and backward) for the shared denominator
+    logp = torch.cat([torch.logsumexp(lsm[:, :n_old], dim=1, keepdim=True), lsm[:, n_old:]], 1)
     target = target.long()
     valid = target != ignore_index
     idx = torch.where(target < n_old, torch.zeros_like(target), target - n_old + 1)
@@ -113,9 +113,9 @@ def unbiased_knowledge_distillation(logits: Tensor, old_logits: Tensor, alpha: f
         logits: B×C×H×W current logits. old_logits: B×C_old×H×W (detached). alpha: teacher scale.
     """
     n_old = _n_old(logits, old_logits)
-    den = torch.logsumexp(logits, dim=1)
-    logp_bg = torch.logsumexp(torch.cat([logits[:, :1], logits[:, n_old:]], 1), dim=1) - den
-    logp_old = logits[:, 1:n_old] - den[:, None]
+    lsm = torch.log_softmax(logits, dim=1)  # x − logsumexp(x) in one fused pass
+    logp_bg = torch.logsumexp(torch.cat([lsm[:, :1], lsm[:, n_old:]], 1), dim=1)
+    logp_old = lsm[:, 1:n_old]
     q = torch.softmax(alpha * old_logits.detach(), dim=1)
     return -(q[:, 0] * logp_bg + (q[:, 1:] * logp_old).sum(dim=1)).mean() / n_old
 
