@@ -230,8 +230,8 @@ def tune_config(plan: Plan, cell: GridCell, concurrency: int) -> tuple[tune.Tune
     2 incremental steps.
 
     Without a scheduler every trial runs to its end, so Tune reuses the trial actor (the
-    driver's process, with torch and Ray Train imported: ~5 s to start on 2 cores) for the
-    next trial (``reuse_actors``): ~8 s less per trial after the first of each slot
+    driver's process, torch and Ray Train already imported) for the next trial
+    (``reuse_actors``): 2–3 s less per trial after the first of each slot on 2 cores
     (BENCHMARKS.md). Not under ASHA: a stopped trial's function is still inside ``fit()``, and
     only killing its actor stops its Train workers at once.
     """
