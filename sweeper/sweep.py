@@ -228,12 +228,6 @@ def tune_config(plan: Plan, cell: GridCell, concurrency: int) -> tuple[tune.Tune
     With ``only_points``: exactly the given points, as a grid (the re-evaluation of the best
     trials over seeds). ASHA (``time_attr="step"``) is used only when a trial runs at least
     2 incremental steps.
-
-    Without a scheduler every trial runs to its end, so Tune reuses the trial actor (the
-    driver's process, torch and Ray Train already imported) for the next trial
-    (``reuse_actors``): 2–3 s less per trial after the first of each slot on 2 cores
-    (BENCHMARKS.md). Not under ASHA: a stopped trial's function is still inside ``fit()``, and
-    only killing its actor stops its Train workers at once.
     """
     spec = plan.spec
     last_step = plan.last_step(cell)
@@ -251,7 +245,7 @@ def tune_config(plan: Plan, cell: GridCell, concurrency: int) -> tuple[tune.Tune
         seeds = [plan.cell_seed(cell) + i for i in range(spec.trials)]
         searcher, param_space, samples = None, {"seed": tune.grid_search(seeds)}, 1
     config = tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=samples,
-                             max_concurrent_trials=concurrency, reuse_actors=scheduler is None)
+                             max_concurrent_trials=concurrency)
     return config, param_space
 
 
