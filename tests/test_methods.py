@@ -419,3 +419,17 @@ def test_a_method_module_is_all_it_takes(throwaway, step1, step0, tmp_path):
     check_zero_weights(throwaway, step1)
     _, _, metrics = step1(throwaway)
     assert set(metrics["losses"]) == {"ce", "hint_kd"}
+
+
+def test_sdr_teacher_prediction_equals_the_full_resolution_argmax_sampled_after():
+    """SDR's pseudo-labels: argmax at full resolution then nearest-downsampled (the reference's order)
+    equals nearest-sampling the logits then the argmax, ties included (the first maximum either way)."""
+    import torch.nn.functional as F
+
+    from csseg_core.methods.sdr import teacher_prediction
+
+    torch.manual_seed(0)
+    for shape, size in (((64, 64), (8, 8)), ((96, 96), (12, 12)), ((50, 61), (7, 8)), ((33, 20), (33, 20))):
+        logits = torch.randint(0, 3, (2, 6, *shape)).float()  # few values: many tied maxima
+        reference = F.interpolate(logits.argmax(1, keepdim=True).float(), size=size, mode="nearest")[:, 0].long()
+        assert torch.equal(teacher_prediction(logits, size), reference)

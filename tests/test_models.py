@@ -235,3 +235,30 @@ def test_atrous_branches_equal_the_full_convolution_at_every_map_size(size):
         torch.testing.assert_close(gx_fast, gx_full, rtol=1e-12, atol=1e-12)
     # the full convolution runs exactly where the rate is below the map size (its taps see data)
     assert full_calls == [1] + [rate for rate in (6, 12, 18) if rate < size]
+
+
+@pytest.mark.parametrize("shape_in,size", [((8, 8), (64, 64)), ((12, 12), (96, 96)), ((7, 9), (50, 61)),
+                                           ((13, 11), (100, 90)), ((16, 16), (5, 7)), ((6, 6), (6, 6)), ((1, 3), (4, 9))])
+def test_upsample_bilinear_equals_interpolate_and_its_gradient(shape_in, size):
+    """The logits' upsampling as two matrix products: the values and the input gradient of
+    ``F.interpolate(mode="bilinear", align_corners=False)`` at integer and non-integer ratios, both
+    directions, channels-last input included; the model's forward uses it."""
+    import torch.nn.functional as F
+
+    from csseg_core.models.deeplab import upsample_bilinear
+
+    torch.manual_seed(0)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(2, 5, *shape_in, dtype=torch.double).to(memory_format=layout).requires_grad_()
+        ref = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        out = upsample_bilinear(x, size)
+        assert out.shape == ref.shape
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+        g = torch.randn_like(ref)
+        torch.testing.assert_close(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(ref, x, g)[0], rtol=1e-12, atol=1e-12)
+    model = build_model("tiny", (3, 2), output_stride=8, head_channels=8).double().eval()
+    image = torch.randn(1, 3, 40, 56, dtype=torch.double)
+    logits, feats = model(image)
+    pre = feats["pre_logits"]
+    expected = F.interpolate(torch.cat([cls(pre) for cls in model.cls], 1), size=(40, 56), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(logits, expected, rtol=1e-12, atol=1e-12)
