@@ -330,13 +330,12 @@ def test_run_scenario_writes_config_checkpoints_and_rows(scenario_run):
     assert written == cfg.to_dict()
     assert ExperimentConfig.from_dict(written).run_name() == cfg.run_name()
     assert sorted(r["files"]) == [f"step{k}-{cfg.step_key(k)}.pt" for k in (0, 1)]
-    for k in (0, 1):
-        state = load_state(checkpoint_path(out, cfg, k))
-        assert state["step"] == k
+    states = [load_state(checkpoint_path(out, cfg, k)) for k in (0, 1)]
+    assert [state["step"] for state in states] == [0, 1]
     # step 0 is shared between methods: it may come from the session's step-0 cache, trained by
     # another test's method (its key is what makes it this run's); step 1 is this run's own
-    assert ExperimentConfig.from_dict(load_state(checkpoint_path(out, cfg, 0))["config"]).step_key(0) == cfg.step_key(0)
-    assert load_state(checkpoint_path(out, cfg, 1))["config"]["method"] == "sdr"
+    assert ExperimentConfig.from_dict(states[0]["config"]).step_key(0) == cfg.step_key(0)
+    assert states[1]["config"]["method"] == "sdr"
     assert any((out / "tensorboard").iterdir())
     # step 0 came from the faulty run (same step-0 key), step 1 was trained now
     assert r["lines"][0].startswith(f"step 0: reusing step0-{cfg.step_key(0)}.pt")
