@@ -227,7 +227,9 @@ def tune_config(plan: Plan, cell: GridCell, concurrency: int) -> tuple[tune.Tune
     ``trials`` samples. Without one (FT): the preset over ``trials`` consecutive seeds.
     With ``only_points``: exactly the given points, as a grid (the re-evaluation of the best
     trials over seeds). ASHA (``time_attr="step"``) is used only when a trial runs at least
-    2 incremental steps.
+    2 incremental steps. Without a scheduler Tune reuses a finished trial's actor for the next
+    trial (``reuse_actors``: 2–3 s less per trial on 2 cores, BENCHMARKS.md); not under ASHA,
+    where only killing a stopped trial's actor stops its Train workers at once.
     """
     spec = plan.spec
     last_step = plan.last_step(cell)
@@ -245,7 +247,7 @@ def tune_config(plan: Plan, cell: GridCell, concurrency: int) -> tuple[tune.Tune
         seeds = [plan.cell_seed(cell) + i for i in range(spec.trials)]
         searcher, param_space, samples = None, {"seed": tune.grid_search(seeds)}, 1
     config = tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=samples,
-                             max_concurrent_trials=concurrency)
+                             max_concurrent_trials=concurrency, reuse_actors=scheduler is None)
     return config, param_space
 
 

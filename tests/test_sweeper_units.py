@@ -361,8 +361,9 @@ def test_tune_config_single_multi_objective_asha_and_ft(tmp_path, monkeypatch):
     asha = config.scheduler
     assert isinstance(asha, RecordedASHA) and asha.metric == "val_miou_all"
     assert asha_kwargs["time_attr"] == "step" and asha_kwargs["max_t"] == 5 and asha_kwargs["mode"] == "max"
+    assert config.reuse_actors is False  # a stopped trial's actor must die (its fit() is still running)
     config, _ = tune_config(plan, plan.cells[1], concurrency=1)  # voc-19-1: one incremental step, no ASHA
-    assert config.scheduler is None
+    assert config.scheduler is None and config.reuse_actors is True  # every trial ends: its actor serves the next
     ft = plan_sweep(SweepSpec(scenarios="voc-15-1", method="ft", trials=3, storage=str(tmp_path), seed=5))
     config, param_space = tune_config(ft, ft.cells[0], concurrency=1)
     assert config.search_alg is None and config.num_samples == 1
