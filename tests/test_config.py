@@ -162,6 +162,11 @@ def test_iteration_budget_of_the_smoke_profile_and_explicit_epochs():
     assert both.iters == 7
     with pytest.raises(ConfigError, match="iters"):
         resolve_config("voc-15-1", overrides={"iters": -1})
+    joint = resolve_config("voc-offline")  # the joint bound: the whole voc-15-1 run's updates
+    assert joint.iters == cfg.iters + 5 * cfg.iters_incremental == 1000
+    assert resolve_config("voc-offline", overrides={"iters": 30}).iters == 30
+    assert resolve_config("voc-offline", overrides={"epochs": 2}).iters == 0
+    assert resolve_config("voc-offline", profile="paper").iters == 0
 
 
 # ----------------------------------------------------------------- reference-compatibility switches (DEPARTURES §1–4)
