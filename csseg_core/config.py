@@ -226,14 +226,10 @@ PROFILES: dict[str, dict[str, Any]] = {
     "smoke": dict(),
 }
 ADE_PAPER = dict(batch_size=4, epochs=60, epochs_incremental=60, lr=1e-2, lr_incremental=1e-3)
-#: ``smoke``'s iteration budgets per dataset (the reference, too, trains ADE longer: 60 epochs vs 30).
-#: ADE's 100 step-0 classes reach 0.34-0.39 test mIoU in 1500 iterations, not in VOC's 500
-#: (docs/CALIBRATION.md, "ADE").
+#: ``smoke``'s budgets per dataset (ADE's 100 step-0 classes need 3x VOC's; the reference trains ADE
+#: 60 epochs, VOC 30) and for a joint (one-step) run: the updates of the whole smoke run it bounds
+#: (voc-15-1 500 + 5 x 100, ade-100-50 1500 + 200; docs/CALIBRATION.md section j).
 SMOKE_DATASET = {"ade": dict(iters=1500, iters_incremental=200)}
-#: ``smoke``'s budget for a joint (offline, one-step) run: as many SGD updates as the dataset's whole
-#: smoke run it bounds (voc-15-1: 500 + 5 x 100; ade-100-50: 1500 + 200). At step 0's 500 the
-#: 20-class VOC joint bound stopped at 0.65-0.72 on the generated variants; with 1000, 0.77-0.79
-#: (docs/CALIBRATION.md, section j). ``paper``/``small`` count epochs, which grow with the joint set.
 SMOKE_OFFLINE = {"voc": dict(iters=1000), "ade": dict(iters=1700)}
 
 
