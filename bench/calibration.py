@@ -6,11 +6,12 @@ on several differently generated VOC-layout datasets, mean ± std over seeds (do
     python bench/calibration.py --quick                           # sanity run, no row appended
 
 Every run is what a user types: ``python cli.py train voc-15-1 --method M --seed S
-[--data-root D] --out OUT/runs/<dataset>-<seed>-<method>`` and ``python cli.py train voc-offline``
+[--data-root D] --out OUT/runs/<dataset>-<run name>`` and ``python cli.py train voc-offline``
 for the joint bound, one after the other, with ``CSSEG_HOME=OUT/home`` (SDR runs first, so the
 shared step 0 of each (dataset, seed) is trained once, with SDR's prototypes, and FT / MiB reuse
-it). A run whose ``steps.parquet`` already holds every step is read, not run again: re-running
-the script on the same ``--out`` finishes an interrupted table.
+it). A run whose ``steps.parquet`` already holds every step is read, not run again (its folder is named
+after the configuration's key, so other ``--set`` values make other runs): re-running the script on
+the same ``--out`` finishes an interrupted table.
 
 Datasets: ``default`` (the embedded set, 1200 train / 300 val, 96 px), ``blobs`` and ``polygons``
 (``csseg data synth --style blobs --train 300 --val 200 --seed 1 --size 96`` and ``--style polygons
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import math
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -68,18 +68,15 @@ def data_root(name: str, out: Path, env: dict) -> str | None:
 
 def finished_rows(run: Path, n_steps: int) -> list[dict] | None:
     """The rows of a run's ``steps.parquet`` when it holds all ``n_steps`` steps, else None."""
-    table = run / "steps.parquet"
-    if not table.exists():
-        return None
-    import pyarrow.parquet as pq
+    from csseg_core.results import read_rows
 
-    rows = sorted(pq.read_table(table).to_pylist(), key=lambda r: r["step"])
+    rows = sorted(read_rows(run / "steps.parquet"), key=lambda r: r["step"])
     return rows if len(rows) >= n_steps else None
 
 
 def run_all(a, out: Path) -> tuple[list[dict], float]:
     """Run (or read) every (dataset, seed, method) run; one record per run."""
-    from csseg_core.scenarios import get_scenario
+    from csseg_core.config import parse_set, resolve_config
 
     env = {**os.environ, "CSSEG_HOME": str(out / "home")}
     records, total = [], 0.0
@@ -87,12 +84,14 @@ def run_all(a, out: Path) -> tuple[list[dict], float]:
         root = data_root(ds, out, env)
         for seed in range(a.seeds):
             for method, scenario in [(m, a.scenario) for m in a.methods] + ([("joint", "voc-offline")] if a.joint else []):
+                cfg = resolve_config(scenario, "ft" if method == "joint" else method, profile=a.profile, seed=seed,
+                                     data_root=root, overrides=parse_set(a.sets))
                 tag = f"{Path(ds).name}-{seed}-{method}"
-                run = out / "runs" / tag
-                n_steps = get_scenario(scenario).num_steps
+                run = out / "runs" / f"{Path(ds).name}-{cfg.run_name()}"  # the config's key: other --set, other run
+                n_steps = cfg.num_steps
                 rows, wall = finished_rows(run, n_steps), float("nan")
                 if rows is None:
-                    args = ["train", scenario, "--method", "ft" if method == "joint" else method, "--seed", str(seed),
+                    args = ["train", scenario, "--method", cfg.method, "--seed", str(seed),
                             "--out", str(run), "--profile", a.profile, "--no-progress", *(["--data-root", root] if root else []),
                             *[x for s in a.sets for x in ("--set", s)]]
                     wall = cli(*args, env=env, log=out / f"log-{tag}.txt")
@@ -112,13 +111,6 @@ def _f(x) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
 
 
-def mean_std(values: list) -> tuple[float, float]:
-    v = [x for x in values if x is not None and not math.isnan(x)]
-    if not v:
-        return float("nan"), float("nan")
-    return statistics.fmean(v), (statistics.stdev(v) if len(v) > 1 else float("nan"))
-
-
 def verdict(method: str, m: dict) -> str:
     """Issue 9's targets on the means of one (dataset, method) group."""
     t = TARGETS
@@ -133,6 +125,8 @@ def verdict(method: str, m: dict) -> str:
 
 
 def table(records: list[dict]) -> tuple[list[str], list[list[str]], dict]:
+    from sweeper.reeval import mean_std
+
     columns = ["dataset", "method", "seeds", "step 0", "final old", "final new", "val old", "val new", "targets"]
     rows, figures = [], {}
     groups: dict[tuple[str, str], list[dict]] = {}
@@ -140,12 +134,12 @@ def table(records: list[dict]) -> tuple[list[str], list[list[str]], dict]:
         groups.setdefault((r["dataset"], r["method"]), []).append(r)
     for (ds, method), recs in groups.items():
         stats = {k: mean_std([r[k] for r in recs]) for k in ("step0", "old", "new", "val_old", "val_new")}
-        means = {k: v[0] for k, v in stats.items()}
-        cells = [f"{_f(mu)} ± {_f(sd)}" if not math.isnan(sd) else _f(mu) for mu, sd in stats.values()]
+        means = {k: v["mean"] for k, v in stats.items()}
+        cells = [f"{_f(v['mean'])} ± {_f(v['std'])}" if v["n"] > 1 else _f(v["mean"]) for v in stats.values()]
         rows.append([ds, method, str(len(recs)), *cells, verdict(method, means)])
         key = f"{ds}/{method}"
         figures[key] = (f"{_f(means['step0'])}" if method == "joint" else
-                        f"old {_f(means['old'])}±{_f(stats['old'][1])} new {_f(means['new'])}±{_f(stats['new'][1])}")
+                        f"old {_f(means['old'])}±{_f(stats['old']['std'])} new {_f(means['new'])}±{_f(stats['new']['std'])}")
     return columns, rows, figures
 
 

@@ -292,7 +292,7 @@ def resolve_config(scenario: str, method: str = "ft", *, profile: str = "smoke",
     if profile == "smoke":
         values.update(SMOKE_DATASET.get(scen.dataset, {}))
         if scen.num_steps == 1:
-            values.update(SMOKE_OFFLINE[scen.dataset])
+            values.update(SMOKE_OFFLINE.get(scen.dataset, {}))
     defaults = method_defaults(method)
     params: dict[str, Any] = {}
     for key, value in (overrides or {}).items():
