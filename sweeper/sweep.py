@@ -41,7 +41,7 @@ from .ray_session import init_ray, log, probe_address, ray_logs_dir
 from .spec import ASHA_NEEDS_DASHBOARD, TEST_PROTOCOL_NOTE, Plan, SweepSpec, plan_sweep, spec_to_dict
 from .step0_cache import get_cache, kill_cache, step0_dir
 from .tables import STEPS, TRIALS, merge_trial, read_json, read_table, record_end, started_trials, write_json
-from .trial import trial_driver
+from .trial import step0_threads, trial_driver
 
 DRIVER_RESOURCES = {"CPU": 0, "memory": 1 << 20}
 
@@ -256,7 +256,10 @@ def run_cell(plan: Plan, cell: GridCell, concurrency: int):
 
     A restored experiment keeps the callbacks it was started with (Tune pickles them).
     """
-    trainable = tune.with_resources(tune.with_parameters(trial_driver, ctx=_cell_ctx(plan, cell)), driver_resources())
+    ctx = _cell_ctx(plan, cell)
+    ctx["step0_threads"] = step0_threads(ctx, {} if plan.spec.only_points else plan.space, plan.points,
+                                         seeds=plan.spec.trials, concurrency=concurrency)
+    trainable = tune.with_resources(tune.with_parameters(trial_driver, ctx=ctx), driver_resources())
     exp_dir = plan.sweep_dir / "tune" / cell.name
     if tune.Tuner.can_restore(str(exp_dir)):
         log(f"{cell.name}: restoring the interrupted Tune experiment")

@@ -21,10 +21,11 @@ fragments (``tables.py``) that the sweep merges into Parquet.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Mapping, Sequence
 
 import ray
 import ray.train
@@ -149,7 +150,8 @@ def _step0(cfg: ExperimentConfig, loop: dict, rank: int, extra: dict) -> tuple[d
     The step-0 row records how rank 0 got the state: ``step0_source`` is ``trained`` (this
     trial trained it) or ``object_store`` (a ``ray.get`` of the cache's ref, taking
     ``step0_get_s``); ``step0_node_id`` is the node that trained it and ``step0_store_node_id``
-    the node of the cache actor that owns the ref (where ``ray.get`` pulls it from).
+    the node of the cache actor that owns the ref (where ``ray.get`` pulls it from);
+    ``step0_threads`` the intra-op threads it was trained with (:func:`step0_threads`).
     """
     from csseg_core.engine import run_step
     from csseg_core.state import save_state, state_from_numpy, state_to_numpy
@@ -173,14 +175,15 @@ def _step0(cfg: ExperimentConfig, loop: dict, rank: int, extra: dict) -> tuple[d
                 step0_store_node_id=store_node, step0_get_s=get_s, **extra))
         return state, metrics0
     try:  # collects what the sweep's one method needs (every trial of a sweep runs the same method)
-        state, metrics0 = run_step(cfg, 0, None, log_dir=str(Path(sweep_dir) / "tb" / f"step0-{key0}"))
+        with intra_op_threads(_lent_threads(loop)) as threads:
+            state, metrics0 = run_step(cfg, 0, None, log_dir=str(Path(sweep_dir) / "tb" / f"step0-{key0}"))
         metrics0 = {**portable_metrics(metrics0), "trained_on_node": extra["node_id"]}
         if rank == 0:
             save_state(state, state_path(step0_dir(sweep_dir), key0))
             ray.get(cache.put.remote(key0, state_to_numpy(state), metrics0, trial_id))
             write_step_fragment(sweep_dir, trial_id, step_row(
                 cfg, metrics0, cached=False, step0_source="trained", step0_node_id=extra["node_id"],
-                step0_store_node_id=store_node, step0_get_s=None, **extra))
+                step0_store_node_id=store_node, step0_get_s=None, step0_threads=threads, **extra))
     except BaseException as err:
         if rank == 0:
             write_step_fragment(sweep_dir, trial_id, step_row(
@@ -189,6 +192,54 @@ def _step0(cfg: ExperimentConfig, loop: dict, rank: int, extra: dict) -> tuple[d
         raise
     lease.close(failed=False)
     return state, metrics0
+
+
+@contextlib.contextmanager
+def intra_op_threads(n: int) -> Iterator[int]:
+    """``torch.set_num_threads(n)`` inside the block (``n <= 0``: unchanged), restored after;
+    yields the block's thread count."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+def _lent_threads(loop: dict) -> int:
+    """The cell's step-0 thread count (:func:`step0_threads`), capped by this node's CPUs per worker."""
+    want = int(loop.get("step0_threads", 0))
+    if want <= 0:
+        return 0
+    me = ray.get_runtime_context().get_node_id()
+    node_cpus = next((n["Resources"].get("CPU", 1.0) for n in ray.nodes() if n["NodeID"] == me), 1.0)
+    return max(1, min(want, int(node_cpus // ray.train.get_context().get_world_size())))
+
+
+def step0_threads(ctx: dict, space: Mapping[str, Any], points: Sequence[Mapping[str, Any]], *, seeds: int,
+                  concurrency: int) -> int:
+    """Threads per worker for training a cell's step 0 on CPU: ``cpus_per_worker x concurrency``
+    when every trial of the cell continues from one step-0 state, else 0 (the worker's own CPUs).
+
+    With one step-0 key per cell, whichever trial trains it is the only one computing: every other
+    running trial of the cell waits for that same state (cells run one after the other), so their
+    reserved cores would idle. The rule is fixed by the sweep, not by counting waiters at run
+    time, because the thread count changes the state at rounding level (it must not depend on
+    timing). Shared means: every searched value (each option, each range's bounds), every given
+    point and, without a space, every seed (``seeds`` trials of the preset) give the same
+    ``step_key(0)``. GPU trials keep their CPUs (their step 0 does not run on them).
+    """
+    if ctx["gpus_per_worker"] or concurrency <= 1 or (not space and not points and seeds > 1):
+        return 0
+    probes: list[Mapping[str, Any]] = [{}, *points]
+    for name, param in space.items():
+        values = param.options if hasattr(param, "options") else (param.lo, param.hi)
+        probes.extend({name: v} for v in values)
+    keys = {trial_config(ctx, dict(p))[0].step_key(0) for p in probes}
+    return int(ctx["cpus_per_worker"] * concurrency) if len(keys) == 1 else 0
 
 
 # ---------------------------------------------------------------------------- driver
@@ -236,7 +287,7 @@ def trial_driver(config: dict, ctx: dict) -> None:
         train_loop_config={
             "config": cfg.to_dict(), "sweep": ctx["sweep"], "sweep_dir": str(sweep_dir), "trial_id": trial_id,
             "cell": ctx["cell"], "key0": cfg.step_key(0), "poll_s": ctx.get("poll_s", 1.0),
-            "last_step": last_step},
+            "last_step": last_step, "step0_threads": ctx.get("step0_threads", 0)},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpus > 0, resources_per_worker=per_worker),
         run_config=ray.train.RunConfig(
             name=trial_id, storage_path=str(sweep_dir / "train"),

@@ -81,6 +81,10 @@ def test_step0_is_trained_once_per_cell_by_concurrent_trials(lwf_sweep):
     info = json.loads((sweep_dir / "sweep.json").read_text())
     assert info["status"] == "complete" and info["step0"]["trained"] == 2 and info["step0"]["reused"] == 2
     assert len(list((sweep_dir / "step0").glob("*.pt"))) == 2
+    # one step-0 state per cell, so its concurrent trial waits: the trainer used both trials' CPUs
+    steps = pq.read_table(sweep_dir / "steps.parquet").to_pylist()
+    trained = [r for r in steps if r["step"] == 0 and r["step0_source"] == "trained"]
+    assert len(trained) == 2 and all(r["step0_threads"] == 2 for r in trained), trained
 
 
 def test_export_best_loads_with_resolve_config(lwf_sweep, tmp_path):

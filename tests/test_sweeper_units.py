@@ -8,6 +8,7 @@ import os
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
 
 from csseg_core.config import resolve_config
@@ -334,6 +335,33 @@ def test_first_step_protocol_and_only_points(tmp_path):
     config, param_space = tune_config(reeval, reeval.cells[0], concurrency=2)
     assert config.search_alg is None and config.num_samples == 1
     assert param_space == {"point": {"grid_search": [{"kd": 3.0}, {"kd": 30.0}]}}
+
+
+def test_step0_threads_lends_the_cells_cores_only_when_all_its_trials_share_one_step0(tmp_path):
+    from sweeper.sweep import _cell_ctx
+    from sweeper.trial import intra_op_threads, step0_threads
+
+    plan = plan_sweep(SweepSpec(scenarios="voc-15-1", method="sdr", trials=4, storage=str(tmp_path)))
+    ctx = _cell_ctx(plan, plan.cells[0])
+    assert step0_threads(ctx, plan.space, plan.points, seeds=4, concurrency=2) == 2  # loss weights only
+    assert step0_threads({**ctx, "cpus_per_worker": 2.0}, plan.space, plan.points, seeds=4, concurrency=3) == 6
+    assert step0_threads(ctx, plan.space, plan.points, seeds=4, concurrency=1) == 0  # nobody waits
+    with_lr = {**plan.space, "lr": LogUniform(0.01, 0.1)}  # step 0's learning rate: one step 0 per value
+    assert step0_threads(ctx, with_lr, plan.points, seeds=4, concurrency=2) == 0
+    seeds = ({"kd": 3.0, "seed": 0}, {"kd": 3.0, "seed": 1})
+    assert step0_threads(ctx, {}, seeds, seeds=1, concurrency=2) == 0
+    assert step0_threads(ctx, {}, ({"kd": 3.0}, {"kd": 30.0}), seeds=1, concurrency=2) == 2
+    assert step0_threads({**ctx, "gpus_per_worker": 1.0}, plan.space, plan.points, seeds=4, concurrency=2) == 0
+    ft = plan_sweep(SweepSpec(scenarios="voc-15-1", method="ft", trials=3, storage=str(tmp_path)))
+    ft_ctx = _cell_ctx(ft, ft.cells[0])
+    assert step0_threads(ft_ctx, ft.space, ft.points, seeds=3, concurrency=2) == 0  # one seed per trial
+    assert step0_threads(ft_ctx, ft.space, ft.points, seeds=1, concurrency=2) == 2
+    before = torch.get_num_threads()
+    with intra_op_threads(before + 1) as n:
+        assert n == torch.get_num_threads() == before + 1
+    assert torch.get_num_threads() == before
+    with intra_op_threads(0) as n:
+        assert n == before
 
 
 def test_tune_config_single_multi_objective_asha_and_ft(tmp_path, monkeypatch):
