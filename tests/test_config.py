@@ -167,8 +167,8 @@ def test_iteration_budget_of_the_smoke_profile_and_explicit_epochs():
     assert resolve_config("voc-offline", overrides={"iters": 30}).iters == 30
     assert resolve_config("voc-offline", overrides={"epochs": 2}).iters == 0
     assert resolve_config("voc-offline", profile="paper").iters == 0
-    ade = resolve_config("ade-100-50", "sdr")  # ADE's 100 step-0 classes train 3x longer
-    assert (ade.iters, ade.iters_incremental) == (1500, 200)
+    ade = resolve_config("ade-100-50", "sdr")  # ADE's 100 step-0 classes train 4x longer
+    assert (ade.iters, ade.iters_incremental) == (2000, 200)
     assert resolve_config("ade-offline").iters == ade.iters + ade.iters_incremental
     assert resolve_config("ade-100-50", "sdr", overrides={"iters_incremental": 7}).iters_incremental == 7
 
