@@ -78,14 +78,40 @@ def unbiased_cross_entropy(logits: Tensor, target: Tensor, n_old: int,
     """
     if not 1 <= n_old <= logits.shape[1]:
         raise ValueError(f"n_old must be in [1, {logits.shape[1]}], got {n_old}")
-    lsm = torch.log_softmax(logits, dim=1)  # one fused pass (forward and backward) for the shared denominator
-    logp = torch.cat([torch.logsumexp(lsm[:, :n_old], dim=1, keepdim=True), lsm[:, n_old:]], 1)
-    target = target.long()
-    valid = target != ignore_index
-    idx = torch.where(target < n_old, torch.zeros_like(target), target - n_old + 1)
-    idx = torch.where(valid, idx, torch.zeros_like(idx))
-    nll = -logp.gather(1, idx[:, None])[:, 0]
-    return torch.where(valid, nll, torch.zeros_like(nll)).mean()
+    return _UnbiasedCE.apply(logits, target, n_old, ignore_index)
+
+
+class _UnbiasedCE(torch.autograd.Function):
+    """:func:`unbiased_cross_entropy` with its gradient written out: (p − t) · 𝟙(y ≠ ignore) / N,
+    p = softmax(x), t = one-hot(y) for y ≥ n_old, and softmax over the old channels for the
+    others. One pass each way; the autograd of slices and ``log_softmax`` cost a full-size zero
+    fill per slice and a second log-softmax per step (BENCHMARKS.md, session 12)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, target: Tensor, n_old: int, ignore_index: int) -> Tensor:
+        target = target.long()
+        valid = target != ignore_index
+        new = valid & (target >= n_old)
+        lse = torch.logsumexp(x, dim=1)
+        lse_old = torch.logsumexp(x[:, :n_old], dim=1)
+        x_y = x.gather(1, torch.where(new, target, torch.zeros_like(target))[:, None])[:, 0]
+        nll = lse - torch.where(new, x_y, lse_old)
+        ctx.save_for_backward(x, target, lse, lse_old)
+        ctx.n_old, ctx.ignore_index = n_old, ignore_index
+        return torch.where(valid, nll, torch.zeros_like(nll)).mean()
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, target, lse, lse_old = ctx.saved_tensors
+        n_old = ctx.n_old
+        valid = target != ctx.ignore_index
+        new = valid & (target >= n_old)
+        grad = torch.exp(x - lse[:, None])
+        old_part = torch.exp(x[:, :n_old] - lse_old[:, None])
+        grad[:, :n_old] -= old_part * (valid & ~new)[:, None]
+        grad.scatter_add_(1, torch.where(new, target, torch.zeros_like(target))[:, None], -new[:, None].to(grad.dtype))
+        grad *= (valid[:, None] * (grad_out / target.numel())).to(grad.dtype)
+        return grad, None, None, None
 
 
 def knowledge_distillation(logits: Tensor, old_logits: Tensor, alpha: float = 1.0) -> Tensor:
@@ -112,12 +138,36 @@ def unbiased_knowledge_distillation(logits: Tensor, old_logits: Tensor, alpha: f
     Args:
         logits: B×C×H×W current logits. old_logits: B×C_old×H×W (detached). alpha: teacher scale.
     """
-    n_old = _n_old(logits, old_logits)
-    lsm = torch.log_softmax(logits, dim=1)  # x − logsumexp(x) in one fused pass
-    logp_bg = torch.logsumexp(torch.cat([lsm[:, :1], lsm[:, n_old:]], 1), dim=1)
-    logp_old = lsm[:, 1:n_old]
-    q = torch.softmax(alpha * old_logits.detach(), dim=1)
-    return -(q[:, 0] * logp_bg + (q[:, 1:] * logp_old).sum(dim=1)).mean() / n_old
+    return _UnbiasedKD.apply(logits, old_logits.detach(), float(alpha), _n_old(logits, old_logits))
+
+
+class _UnbiasedKD(torch.autograd.Function):
+    """:func:`unbiased_knowledge_distillation` with its gradient written out (Σ_c q_c = 1):
+    (p − t) / (C_old · N), p = softmax(x), t_c = q_0 · softmax over {0} ∪ new of x for c in that
+    set, t_c = q_c for the old classes c = 1..C_old−1 (see :class:`_UnbiasedCE` for why)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, old_logits: Tensor, alpha: float, n_old: int) -> Tensor:
+        q = torch.softmax(alpha * old_logits, dim=1)
+        lse = torch.logsumexp(x, dim=1)
+        lse_bg = torch.logsumexp(torch.cat([x[:, :1], x[:, n_old:]], 1), dim=1)
+        dot = (q[:, 1:] * x[:, 1:n_old]).sum(dim=1)  # Σ_c q_c x_c over the old classes
+        loss = -(q[:, 0] * (lse_bg - lse) + dot - (1 - q[:, 0]) * lse).mean() / n_old
+        ctx.save_for_backward(x, q, lse, lse_bg)
+        ctx.n_old = n_old
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, q, lse, lse_bg = ctx.saved_tensors
+        n_old = ctx.n_old
+        grad = torch.exp(x - lse[:, None])
+        q0 = q[:, :1]
+        grad[:, :1] -= q0 * torch.exp(x[:, :1] - lse_bg[:, None])
+        grad[:, n_old:] -= q0 * torch.exp(x[:, n_old:] - lse_bg[:, None])
+        grad[:, 1:n_old] -= q[:, 1:]
+        grad *= grad_out / (n_old * lse.numel())
+        return grad, None, None, None
 
 
 def bce_with_ignore(logits: Tensor, target: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
