@@ -366,14 +366,14 @@ def run_sweep(spec: SweepSpec) -> Path:
 
 def _step0_summary(plan: Plan, stats: dict) -> dict[str, Any]:
     """Step-0 counts: trainings, cache hits, states the cache loaded from files, and the trials'
-    reads through the object store (``steps.parquet``), those of a state trained on another node."""
+    reads through the object store (``steps.parquet``), those that pulled it from another node's."""
     saved = read_json(step0_dir(plan.sweep_dir) / "stats.json") or {}
     rows = [r for r in read_table(plan.sweep_dir, STEPS) if r.get("step") == 0 and r.get("step0_source") == "object_store"]
     return {"trained": int(saved.get("trained", stats.get("trained", 0))),
             "trained_this_run": int(stats.get("trained", 0)) if stats else 0,
             "reused": int(stats.get("hits", 0)), "loaded_from_files": int(stats.get("loaded", 0)),
             "object_store_reads": len(rows),
-            "cross_node_reads": sum(1 for r in rows if r.get("node_id") and r.get("node_id") != r.get("step0_node_id"))}
+            "cross_node_reads": sum(1 for r in rows if r.get("node_id") != r.get("step0_store_node_id"))}
 
 
 def _closing_note(plan: Plan, state: dict) -> None:

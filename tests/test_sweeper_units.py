@@ -364,6 +364,23 @@ def test_step0_threads_lends_the_cells_cores_only_when_all_its_trials_share_one_
         assert n == before
 
 
+def test_a_cross_node_read_is_one_from_another_nodes_object_store(tmp_path):
+    import pyarrow as pa
+
+    from sweeper.sweep import _step0_summary
+
+    plan = plan_sweep(SweepSpec(scenarios="voc-15-1", method="sdr", trials=2, storage=str(tmp_path)))
+    plan.sweep_dir.mkdir(parents=True)
+    # a state trained in an earlier Ray session (its node id is gone), read on the store's node and on another
+    rows = [{"step": 0, "step0_source": "object_store", "node_id": n, "step0_node_id": "earlier-session",
+             "step0_store_node_id": "head"} for n in ("head", "worker")]
+    rows.append({"step": 0, "step0_source": "trained", "node_id": "head", "step0_node_id": "head",
+                 "step0_store_node_id": "head"})
+    pq.write_table(pa.Table.from_pylist(rows), plan.sweep_dir / STEPS)
+    summary = _step0_summary(plan, {})
+    assert summary["object_store_reads"] == 2 and summary["cross_node_reads"] == 1
+
+
 def test_tune_config_single_multi_objective_asha_and_ft(tmp_path, monkeypatch):
     import ray.tune.schedulers as schedulers
 
