@@ -143,11 +143,6 @@ def table(records: list[dict]) -> tuple[list[str], list[list[str]], dict]:
     return columns, rows, figures
 
 
-def markdown(columns: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
-
-
 def main() -> None:
     p = C.parser(__doc__.splitlines()[0])
     p.add_argument("--datasets", default="default,blobs,polygons", help="comma-separated: default, blobs, polygons or a data root")
@@ -172,8 +167,11 @@ def main() -> None:
     columns, rows, figures = table(records)
     C.print_table(f"calibration: {a.scenario}, profile {a.profile}{' ' + ' '.join(a.sets) if a.sets else ''}, "
                   f"mean ± std over {a.seeds} seed(s)", columns, rows)
-    (out / "calibration.md").write_text(markdown(columns, rows))
-    print(markdown(columns, rows))
+    from csseg_core.results import markdown_table
+
+    md = markdown_table(columns, rows) + "\n"
+    (out / "calibration.md").write_text(md)
+    print(md)
     print(f"[bench] table written to {out / 'calibration.md'}; {total:.0f} s of runs")
     if not (a.quick or a.no_append):
         settings = {"scenario": a.scenario, "datasets": ",".join(a.datasets), "seeds": a.seeds, "sets": " ".join(a.sets) or "-"}

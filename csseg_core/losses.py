@@ -94,23 +94,20 @@ class _UnbiasedCE(torch.autograd.Function):
         new = valid & (target >= n_old)
         lse = torch.logsumexp(x, dim=1)
         lse_old = torch.logsumexp(x[:, :n_old], dim=1)
-        x_y = x.gather(1, torch.where(new, target, torch.zeros_like(target))[:, None])[:, 0]
-        nll = lse - torch.where(new, x_y, lse_old)
-        ctx.save_for_backward(x, target, lse, lse_old)
-        ctx.n_old, ctx.ignore_index = n_old, ignore_index
+        idx = torch.where(new, target, torch.zeros_like(target))[:, None]  # a new pixel's channel (0 elsewhere)
+        nll = lse - torch.where(new, x.gather(1, idx)[:, 0], lse_old)
+        ctx.save_for_backward(x, idx, valid, new, lse, lse_old)
+        ctx.n_old = n_old
         return torch.where(valid, nll, torch.zeros_like(nll)).mean()
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        x, target, lse, lse_old = ctx.saved_tensors
+        x, idx, valid, new, lse, lse_old = ctx.saved_tensors
         n_old = ctx.n_old
-        valid = target != ctx.ignore_index
-        new = valid & (target >= n_old)
         grad = torch.exp(x - lse[:, None])
-        old_part = torch.exp(x[:, :n_old] - lse_old[:, None])
-        grad[:, :n_old] -= old_part * (valid & ~new)[:, None]
-        grad.scatter_add_(1, torch.where(new, target, torch.zeros_like(target))[:, None], -new[:, None].to(grad.dtype))
-        grad *= (valid[:, None] * (grad_out / target.numel())).to(grad.dtype)
+        grad[:, :n_old] -= torch.exp(x[:, :n_old] - lse_old[:, None]) * (valid & ~new)[:, None]
+        grad.scatter_add_(1, idx, -new[:, None].to(grad.dtype))
+        grad *= (valid[:, None] * (grad_out / valid.numel())).to(grad.dtype)
         return grad, None, None, None
 
 

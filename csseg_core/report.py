@@ -21,7 +21,7 @@ from .atomic import atomic_path
 from .errors import ConfigError
 from .metrics import KINDS as METRIC_KINDS
 from .metrics import STEP_KINDS
-from .results import read_rows
+from .results import markdown_table, read_rows
 
 INSTALL_HINT = "pip install -e '.[report]'"
 SPLITS = (("val", "val_", "validation"), ("test", "", "test"))
@@ -180,7 +180,7 @@ def final_table(rows: Sequence[dict]) -> tuple[str, str]:
                 cells.append("–" if mean is None else f"{mean:.1f} ± {std or 0.0:.1f}")
             body.append([str(r.get("tuned_on", r.get("cell"))), str(r.get("scenario")) + ("*" if r.get("transfer") else ""),
                          str(len(r.get("seeds") or [])), split, *cells])
-    md = "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(b) + " |" for b in body])
+    md = markdown_table(head, body)
     table = "".join(f"<th>{html.escape(h)}</th>" for h in head)
     table = f"<table class='final'><thead><tr>{table}</tr></thead><tbody>" + "".join(
         "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in b) + "</tr>" for b in body) + "</tbody></table>"

@@ -27,6 +27,11 @@ def _clean(v: Any) -> Any:
     return v
 
 
+def markdown_table(head: Sequence[str], body: Iterable[Sequence[str]]) -> str:
+    """A Markdown table (header, separator, one line per row), without a trailing newline."""
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in body])
+
+
 def step_row(cfg, metrics: dict, **extra: Any) -> dict:
     """Flatten one step's config and metrics into a Parquet row.
 

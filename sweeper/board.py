@@ -19,6 +19,7 @@ from rich import box
 from rich.table import Table
 
 from csseg_core.metrics import ALL_METRICS, KINDS, STEP_KINDS, format_percent
+from csseg_core.results import markdown_table
 
 FORMATS = ("table", "csv", "json", "md")
 #: Leaderboard columns that are not hyperparameters.
@@ -125,9 +126,6 @@ def text(rows: Sequence[dict], fmt: str, *, wide: bool = False) -> str:
     params = params_of(rows)
     metrics = WIDE_METRICS if wide else COMPACT_METRICS
     head = ["cell", "rank", "trial", *(h.replace("\n", " ") for h, _ in metrics), *params]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [r["cell"], f"{r['rank']}{'*' if r.get('pareto') else ''}", trial_label(r["trial_id"], wide),
-                 *(pct(r.get(k)) for _, k in metrics), *(sig3(r.get(p)) for p in params)]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    body = [[r["cell"], f"{r['rank']}{'*' if r.get('pareto') else ''}", trial_label(r["trial_id"], wide),
+             *(pct(r.get(k)) for _, k in metrics), *(sig3(r.get(p)) for p in params)] for r in rows]
+    return markdown_table(head, body) + "\n"
