@@ -37,7 +37,7 @@ from .config import ExperimentConfig
 from .errors import TrainingError
 from .methods import Batch, Output
 from .metrics import METRICS, STEP_KINDS, ConfusionMatrix, step_metrics
-from .plan import StepPlan, autocast, default_device, dist_info, plan_step, seed_everything
+from .plan import StepPlan, autocast, default_device, dist_info, keep_freed_memory, plan_step, seed_everything
 from .tensorboard import StepLogger
 
 __all__ = ["ShardSampler", "StepPlan", "Tally", "autocast", "default_device", "dist_info", "evaluate", "make_loader",
@@ -257,6 +257,7 @@ def run_step(cfg: ExperimentConfig, step: int, prev_state: dict | None = None, *
     (nothing is written).
     """
     started = time.perf_counter()
+    keep_freed_memory()
     plan = plan_step(cfg, step, prev_state, collect)
     rank = dist_info()[0]
     loader = make_loader(plan.datasets["train"], cfg, train=True, seed=cfg.seed + step)

@@ -12,7 +12,12 @@ old network's gradient norm clipped (``grad_clip_incremental``) and BatchNorm fr
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import math
+import os
+import platform
 import random
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
@@ -36,6 +41,34 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+#: glibc's mallopt parameters
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep the blocks a training step frees for the next iteration (once per
+    process; True when it applies).
+
+    By default glibc serves every block above its mmap threshold (128 KiB, raised only as such
+    blocks are freed) with a fresh ``mmap`` and returns it to the OS on ``free``, so the activations
+    and gradients allocated anew every iteration page-fault on first touch again and again (minor
+    faults, each a VM exit on a virtual machine). With the threshold raised to 1 GiB (or glibc's
+    ceiling) and the heap no longer trimmed, they are reused from the heap: minor faults of a smoke
+    step fall 3.5-5x and its system time halves (BENCHMARKS.md, session 13). The process keeps its
+    peak heap until it exits; numerics are untouched. The C library PyTorch's CPU tuning guide
+    recommends (jemalloc, tcmalloc) does the same. ``CSSEG_MALLOC_TUNING=0`` leaves malloc as it is;
+    a no-op on other C libraries."""
+    if os.environ.get("CSSEG_MALLOC_TUNING", "1") == "0" or platform.libc_ver()[0] != "glibc":
+        return False  # musl and macOS have no mallopt of these parameters
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return False
+    mmap_ok = any(libc.mallopt(_M_MMAP_THRESHOLD, v) == 1 for v in (1 << 30, 32 << 20))
+    return bool(mmap_ok and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1)
 
 
 def dist_info() -> tuple[int, int]:
