@@ -41,7 +41,7 @@ from .ray_session import init_ray, log, probe_address, ray_logs_dir
 from .spec import ASHA_NEEDS_DASHBOARD, TEST_PROTOCOL_NOTE, Plan, SweepSpec, plan_sweep, spec_to_dict
 from .step0_cache import get_cache, kill_cache, step0_dir
 from .tables import STEPS, TRIALS, merge_trial, read_json, read_table, record_end, started_trials, write_json
-from .trial import step0_threads, trial_driver
+from .trial import step0_threads, trains_in_process, trial_driver
 
 DRIVER_RESOURCES = {"CPU": 0, "memory": 1 << 20}
 
@@ -157,16 +157,15 @@ def size_concurrency(spec: SweepSpec, resources: dict[str, float]) -> int:
     return max(1, min(fits if spec.concurrency is None else min(spec.concurrency, fits), spec.trials))
 
 
-def driver_resources() -> tune.PlacementGroupFactory:
-    """Each trial's driver: :data:`DRIVER_RESOURCES`, placed on this (the sweep's) node when it can.
-
-    On a cluster, the trial drivers and their Train controllers (pinned by Ray Train to the
-    driver's node) then live beside the sweep and its step-0 cache; worker nodes only hold Train
-    workers, so losing one loses workers, which Ray Train restarts from the trial's last step
-    checkpoint (``--max-failures``). A soft hint: a full or dead node sends them elsewhere.
-    """
+def driver_resources(ctx: dict) -> tune.PlacementGroupFactory:
+    """Each trial's driver on this (the sweep's) node when it can (a soft hint): :data:`DRIVER_RESOURCES`,
+    or the worker's CPUs when it trains in process (:func:`sweeper.trial.trains_in_process`). On a
+    cluster the drivers and their Train controllers (pinned to the driver's node) live beside the
+    sweep and its step-0 cache; worker nodes only hold Train workers, which Ray Train restarts from
+    the trial's last step checkpoint when a node is lost (``--max-failures``)."""
     here = ray.get_runtime_context().get_node_id()
-    return tune.PlacementGroupFactory([DRIVER_RESOURCES], strategy="STRICT_PACK", _soft_target_node_id=here)
+    bundle = {**DRIVER_RESOURCES, "CPU": ctx["cpus_per_worker"]} if ctx.get("in_process") else DRIVER_RESOURCES
+    return tune.PlacementGroupFactory([bundle], strategy="STRICT_PACK", _soft_target_node_id=here)
 
 
 # ---------------------------------------------------------------------------- sweep folder
@@ -259,7 +258,8 @@ def run_cell(plan: Plan, cell: GridCell, concurrency: int):
     ctx = _cell_ctx(plan, cell)
     ctx["step0_threads"] = step0_threads(ctx, {} if plan.spec.only_points else plan.space, plan.points,
                                          seeds=plan.spec.trials, concurrency=concurrency)
-    trainable = tune.with_resources(tune.with_parameters(trial_driver, ctx=ctx), driver_resources())
+    ctx["in_process"] = trains_in_process(ctx)
+    trainable = tune.with_resources(tune.with_parameters(trial_driver, ctx=ctx), driver_resources(ctx))
     exp_dir = plan.sweep_dir / "tune" / cell.name
     if tune.Tuner.can_restore(str(exp_dir)):
         log(f"{cell.name}: restoring the interrupted Tune experiment")

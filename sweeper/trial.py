@@ -82,23 +82,27 @@ def train_worker(loop: dict) -> None:
     from csseg_core.state import load_state, save_state
 
     cfg = ExperimentConfig.from_dict(loop["config"])
-    rank = ray.train.get_context().get_world_rank()
+    rank = 0 if loop.get("in_process") else ray.train.get_context().get_world_rank()
     sweep_dir, trial_id = loop["sweep_dir"], loop["trial_id"]
     node_id = ray.get_runtime_context().get_node_id()
     extra = {"sweep": loop["sweep"], "trial_id": trial_id, "cell": loop["cell"], "status": "ok", "error": None,
              "node_id": node_id, "worker_node_ids": _gather(node_id, rank)}
     tb_dir = str(Path(sweep_dir) / "tb" / trial_id)
 
-    checkpoint = ray.train.get_checkpoint()
+    in_process = bool(loop.get("in_process"))
+    last_file = Path(loop["last_file"]) if in_process else None
+    checkpoint = None if in_process else ray.train.get_checkpoint()
     metrics0 = None
     if checkpoint is not None:  # a restarted worker group: go on after the last finished step
         with checkpoint.as_directory() as d:
             state = load_state(Path(d) / "state.pt")
+    elif last_file is not None and last_file.is_file():  # a retried in-process trial, likewise
+        state = load_state(last_file)
     else:
         state, metrics0 = _step0(cfg, loop, rank, extra)
     last_step = int(loop["last_step"])
     if last_step == 0:  # nothing incremental: the step-0 result is the trial's result
-        ray.train.report(scalar_metrics(metrics0 or {"step": 0}))
+        (tune.report if in_process else ray.train.report)(scalar_metrics(metrics0 or {"step": 0}))
         return
     for step in range(int(state["step"]) + 1, last_step + 1):
         try:
@@ -110,6 +114,10 @@ def train_worker(loop: dict) -> None:
             raise
         if rank == 0:
             write_step_fragment(sweep_dir, trial_id, step_row(cfg, portable_metrics(metrics), cached=False, **extra))
+        if last_file is not None:  # Train's local mode keeps no checkpoint: the trial's own file
+            save_state(state, last_file)
+            tune.report(scalar_metrics(metrics))
+            continue
         with tempfile.TemporaryDirectory(prefix="csseg-ckpt-") as d:
             checkpoint = None
             if rank == 0:
@@ -216,7 +224,8 @@ def _lent_threads(loop: dict) -> int:
         return 0
     me = ray.get_runtime_context().get_node_id()
     node_cpus = next((n["Resources"].get("CPU", 1.0) for n in ray.nodes() if n["NodeID"] == me), 1.0)
-    return max(1, min(want, int(node_cpus // ray.train.get_context().get_world_size())))
+    world = 1 if loop.get("in_process") else ray.train.get_context().get_world_size()
+    return max(1, min(want, int(node_cpus // world)))
 
 
 def step0_threads(ctx: dict, space: Mapping[str, Any], points: Sequence[Mapping[str, Any]], *, seeds: int,
@@ -240,6 +249,40 @@ def step0_threads(ctx: dict, space: Mapping[str, Any], points: Sequence[Mapping[
         probes.extend({name: v} for v in values)
     keys = {trial_config(ctx, dict(p))[0].step_key(0) for p in probes}
     return int(ctx["cpus_per_worker"] * concurrency) if len(keys) == 1 else 0
+
+
+def trains_in_process(ctx: dict) -> bool:
+    """Whether the cell's trials train in their Tune trial actor (Ray Train's local mode,
+    ``ScalingConfig(num_workers=0)``) instead of a Train controller and worker group.
+
+    True for a single-worker CPU trial on a one-node cluster. Such a ``TorchTrainer`` starts no
+    process: the controller, the worker and Train's helper actors (placement-group cleaner,
+    synchronisation, dataset manager) cost 11-25 s and ~15 CPU-s per trial on 2 cores
+    (BENCHMARKS.md, sessions 12-13), more than a smoke step. The trial then reserves the worker's
+    CPUs itself, reports each step to Tune directly and retries a failed step ``max_failures``
+    times from its last finished step (``train/<trial>/last-step.pt``), as Ray Train would
+    restart its worker group. Multi-worker (DDP), GPU and multi-node sweeps keep the worker
+    group, whose restarts survive a lost node.
+    """
+    if ctx["workers_per_trial"] != 1 or ctx["gpus_per_worker"]:
+        return False
+    return sum(1 for n in ray.nodes() if n.get("Alive")) == 1
+
+
+def _fit_in_process(trainer, retries: int, threads: int, stopped) -> None:
+    """``trainer.fit()`` in Train's local mode with ``threads`` intra-op threads, retried up to
+    ``retries`` times (-1: forever) after an exception unless Tune ``stopped()`` the trial; the
+    last exception is raised."""
+    attempt = 0
+    while True:
+        try:
+            with intra_op_threads(threads):
+                trainer.fit()
+            return
+        except Exception:
+            attempt += 1
+            if 0 <= retries < attempt or stopped():
+                raise
 
 
 # ---------------------------------------------------------------------------- driver
@@ -282,21 +325,28 @@ def trial_driver(config: dict, ctx: dict) -> None:
 
     workers, gpus, cpus = ctx["workers_per_trial"], ctx["gpus_per_worker"], ctx["cpus_per_worker"]
     per_worker = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+    in_process = bool(ctx.get("in_process"))
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={
             "config": cfg.to_dict(), "sweep": ctx["sweep"], "sweep_dir": str(sweep_dir), "trial_id": trial_id,
             "cell": ctx["cell"], "key0": cfg.step_key(0), "poll_s": ctx.get("poll_s", 1.0),
-            "last_step": last_step, "step0_threads": ctx.get("step0_threads", 0)},
-        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpus > 0, resources_per_worker=per_worker),
+            "last_step": last_step, "step0_threads": ctx.get("step0_threads", 0), "in_process": in_process,
+            "last_file": str(sweep_dir / "train" / trial_id / "last-step.pt")},
+        scaling_config=ray.train.ScalingConfig(num_workers=0) if in_process else ray.train.ScalingConfig(
+            num_workers=workers, use_gpu=gpus > 0, resources_per_worker=per_worker),
         run_config=ray.train.RunConfig(
             name=trial_id, storage_path=str(sweep_dir / "train"),
             failure_config=ray.train.FailureConfig(max_failures=ctx["max_failures"]),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
-            callbacks=[TuneReportCallback()]),
+            callbacks=[] if in_process else [TuneReportCallback()]),
     )
     try:
-        trainer.fit()
+        if in_process:
+            _fit_in_process(trainer, ctx["max_failures"], max(1, int(cpus)),
+                            lambda: (tune_end(sweep_dir, trial_id) or {}).get("ended") == "complete")
+        else:
+            trainer.fit()
     except Exception as err:  # noqa: BLE001 - every failure is recorded, then re-raised for Tune
         if (tune_end(sweep_dir, trial_id) or {}).get("ended") == "complete":
             # Tune (ASHA) stopped this trial (after a step, or at its last one) and is tearing its

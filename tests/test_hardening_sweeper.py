@@ -145,7 +145,9 @@ def test_sweep_killed_mid_step_resumes_from_its_step_checkpoint(tmp_path, voc_te
         while time.monotonic() < deadline and proc.poll() is None:
             frags = list((sweep / "rows").glob("*/step-001.json")) if (sweep / "rows").is_dir() else []
             snaps = list((sweep / "train").glob("*/checkpoint_manager_snapshot.json")) if (sweep / "train").is_dir() else []
-            if frags and any('"step-001"' in p.read_text() for p in snaps):  # Ray Train registered the checkpoint
+            own = list((sweep / "train").glob("*/last-step.pt")) if (sweep / "train").is_dir() else []
+            # Ray Train registered the checkpoint, or the in-process trial wrote its own (sweeper.trial.trains_in_process)
+            if frags and (own or any('"step-001"' in p.read_text() for p in snaps)):
                 step1 = frags[0]
                 break
             time.sleep(0.1)

@@ -71,6 +71,11 @@ def test_sweep_writes_both_tables(lwf_sweep):
     assert all(0.0 <= r["miou_all"] <= 1.0 and 0.0 <= r["val_miou_all"] <= 1.0 for r in steps)
     assert list((sweep_dir / "tb").rglob("events.out.tfevents.*")), "TensorBoard events live under the sweep dir"
     assert (sweep_dir / "optuna-voc-19-1-disjoint.log").exists()
+    # one CPU worker per trial on one node: each trial trained in its Tune actor (Train's local mode),
+    # keeping its own last-step state instead of Train checkpoints (sweeper.trial.trains_in_process)
+    for t in trials:
+        trained = sweep_dir / "train" / t["trial_id"]
+        assert (trained / "last-step.pt").is_file() and not list(trained.glob("checkpoint_*")), t["trial_id"]
 
 
 def test_step0_is_trained_once_per_cell_by_concurrent_trials(lwf_sweep):
@@ -174,6 +179,9 @@ def test_failing_trial_is_recorded_and_two_workers_match_local_ddp(tiny_voc, tmp
     assert bad_steps == [(0, "ok"), (1, "error")]
     info = json.loads((sweep_dir / "sweep.json").read_text())
     assert info["step0"]["trained"] == 1  # the retry reused the cached step 0
+    # two DDP workers per trial: Ray Train's worker group and its checkpoints, not the in-process mode
+    assert not list((sweep_dir / "train").rglob("last-step.pt"))
+    assert list((sweep_dir / "train" / next(t["trial_id"] for t in trials.values() if t["status"] == "ok")).rglob("state.pt"))
     # Ray Train's 2-worker trial is csseg's own 2-process DDP run of the same configuration, step for step
     # (same shards, synchronised BatchNorm, one thread a rank); that run follows one process to 1e-7
     # (tests/test_engine.py::test_two_ddp_workers_train_like_one_process_on_the_same_global_batch)

@@ -364,6 +364,52 @@ def test_step0_threads_lends_the_cells_cores_only_when_all_its_trials_share_one_
         assert n == before
 
 
+def test_a_single_worker_cpu_trial_on_one_node_trains_in_its_tune_actor(tmp_path, monkeypatch):
+    from sweeper import sweep as sweep_module
+    from sweeper import trial as trial_module
+    from sweeper.sweep import _cell_ctx
+
+    plan = plan_sweep(SweepSpec(scenarios="voc-15-1", method="sdr", trials=4, storage=str(tmp_path)))
+    ctx = _cell_ctx(plan, plan.cells[0])
+    nodes = [{"NodeID": "head", "Alive": True}, {"NodeID": "gone", "Alive": False}]
+    monkeypatch.setattr(trial_module.ray, "nodes", lambda: nodes)
+    assert trial_module.trains_in_process(ctx)
+    assert not trial_module.trains_in_process({**ctx, "workers_per_trial": 2})  # DDP: Train's worker group
+    assert not trial_module.trains_in_process({**ctx, "gpus_per_worker": 1.0})
+    nodes.append({"NodeID": "w1", "Alive": True})  # a cluster: workers that Train restarts when a node is lost
+    assert not trial_module.trains_in_process(ctx)
+    # the trial actor then reserves the worker's CPUs itself; otherwise the Train worker does
+    monkeypatch.setattr(sweep_module.ray, "get_runtime_context", lambda: type("C", (), {"get_node_id": lambda s: "head"})())
+    assert sweep_module.driver_resources({**ctx, "in_process": True}).bundles[0].get("CPU") == ctx["cpus_per_worker"]
+    assert not sweep_module.driver_resources({**ctx, "in_process": False}).bundles[0].get("CPU")
+
+
+def test_an_in_process_trial_retries_max_failures_times_unless_tune_stopped_it():
+    from sweeper.trial import _fit_in_process
+
+    class Trainer:
+        def __init__(self, fails):
+            self.fails, self.calls, self.threads = fails, 0, []
+
+        def fit(self):
+            self.calls += 1
+            self.threads.append(torch.get_num_threads())
+            if self.calls <= self.fails:
+                raise RuntimeError(f"attempt {self.calls}")
+
+    ok = Trainer(fails=1)
+    _fit_in_process(ok, 1, 2, lambda: False)
+    assert ok.calls == 2 and ok.threads == [2, 2]
+    for retries, stopped, calls in ((0, False, 1), (2, False, 3), (5, True, 1)):
+        bad = Trainer(fails=99)
+        with pytest.raises(RuntimeError, match=f"attempt {calls}"):
+            _fit_in_process(bad, retries, 1, lambda stopped=stopped: stopped)
+        assert bad.calls == calls
+    forever = Trainer(fails=4)
+    _fit_in_process(forever, -1, 1, lambda: False)
+    assert forever.calls == 5
+
+
 def test_a_cross_node_read_is_one_from_another_nodes_object_store(tmp_path):
     import pyarrow as pa
 
