@@ -82,21 +82,21 @@ def train_worker(loop: dict) -> None:
     from csseg_core.state import load_state, save_state
 
     cfg = ExperimentConfig.from_dict(loop["config"])
-    rank = 0 if loop.get("in_process") else ray.train.get_context().get_world_rank()
+    in_process = bool(loop.get("in_process"))  # Train's local mode: no Train context inside Tune, rank 0 of 1
+    rank = 0 if in_process else ray.train.get_context().get_world_rank()
     sweep_dir, trial_id = loop["sweep_dir"], loop["trial_id"]
     node_id = ray.get_runtime_context().get_node_id()
     extra = {"sweep": loop["sweep"], "trial_id": trial_id, "cell": loop["cell"], "status": "ok", "error": None,
              "node_id": node_id, "worker_node_ids": _gather(node_id, rank)}
     tb_dir = str(Path(sweep_dir) / "tb" / trial_id)
 
-    in_process = bool(loop.get("in_process"))
-    last_file = Path(loop["last_file"]) if in_process else None
+    last_file = Path(loop["last_file"])
     checkpoint = None if in_process else ray.train.get_checkpoint()
     metrics0 = None
     if checkpoint is not None:  # a restarted worker group: go on after the last finished step
         with checkpoint.as_directory() as d:
             state = load_state(Path(d) / "state.pt")
-    elif last_file is not None and last_file.is_file():  # a retried in-process trial, likewise
+    elif in_process and last_file.is_file():  # a retried in-process trial, likewise
         state = load_state(last_file)
     else:
         state, metrics0 = _step0(cfg, loop, rank, extra)
@@ -114,7 +114,7 @@ def train_worker(loop: dict) -> None:
             raise
         if rank == 0:
             write_step_fragment(sweep_dir, trial_id, step_row(cfg, portable_metrics(metrics), cached=False, **extra))
-        if last_file is not None:  # Train's local mode keeps no checkpoint: the trial's own file
+        if in_process:  # Train's local mode keeps no checkpoint: the trial's own file
             save_state(state, last_file)
             tune.report(scalar_metrics(metrics))
             continue
