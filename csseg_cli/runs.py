@@ -60,7 +60,9 @@ def data_synth(root: Path = typer.Option(..., help="Where to write the dataset."
                size: int = typer.Option(96, help="Image side in pixels."),
                seed: int = typer.Option(0, help="Generator seed."),
                style: str = typer.Option("default", help="Look: default, blobs or polygons (shapes, textures, "
-                                                         "colours and backgrounds differ).")):
+                                                         "colours and backgrounds differ)."),
+               clutter: int = typer.Option(0, help="Up to N unlabelled objects per image, drawn as background "
+                                                   "(as real photos have; 0-10).")):
     """Write a synthetic dataset in the real VOC (or ADE20K) on-disk layout."""
     from csseg_core.data import synth
     from csseg_core.errors import ConfigError
@@ -68,8 +70,9 @@ def data_synth(root: Path = typer.Option(..., help="Where to write the dataset."
     if dataset not in ("voc", "ade"):
         raise ConfigError(f"unknown dataset {dataset!r}; choose voc or ade")
     kwargs = {k: v for k, v in (("n_train", train), ("n_val", val)) if v is not None}
-    path = synth.generate(root, dataset=dataset, size=size, seed=seed, style=style, **kwargs)
-    typer.echo(f"wrote a synthetic {dataset} dataset ({style} style) to {path}")
+    path = synth.generate(root, dataset=dataset, size=size, seed=seed, style=style, clutter=clutter, **kwargs)
+    extra = f", up to {clutter} unlabelled objects per image" if clutter else ""
+    typer.echo(f"wrote a synthetic {dataset} dataset ({style} style{extra}) to {path}")
 
 
 #: Keys of an export-best entry that describe the choice, not the configuration.

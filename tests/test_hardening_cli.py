@@ -76,6 +76,7 @@ def test_usage_errors_fail_without_traceback(args):
     (("--dataset", "coco"), "coco"),
     (("--train", "5"), "at least"),
     (("--size", "8"), "size"),
+    (("--clutter", "11"), "clutter"),
 ])
 def test_data_synth_bad_values(tmp_path, args, needle):
     assert_user_error(invoke("data", "synth", "--root", tmp_path / "out", *args), needle)

@@ -152,6 +152,24 @@ def test_styles_differ_deterministic_every_class(tmp_path: Path, style: str) -> 
     assert np.abs(img_a - img_d).mean() > 10  # a different picture, not a re-encoding
 
 
+@pytest.mark.parametrize("style", ["default", "blobs", "polygons"])
+def test_clutter_adds_unlabelled_objects_and_keeps_the_labelled_ones(style: str) -> None:
+    """``--clutter N`` draws up to N objects of no class under the labelled ones: the label maps are
+    those of the data without clutter, the images differ in their background only, and 0 draws
+    nothing (the embedded set stays byte-identical)."""
+    changed = 0
+    for i in range(12):
+        img0, lab0 = synth.render("voc", i, 0, 5, 64, style)
+        img, lab = synth.render("voc", i, 0, 5, 64, style, clutter=3)
+        again, _ = synth.render("voc", i, 0, 5, 64, style, clutter=3)
+        assert np.array_equal(lab, lab0) and np.array_equal(img, again)
+        assert np.array_equal(synth.render("voc", i, 0, 5, 64, style, clutter=0)[0], img0)
+        diff = np.abs(img.astype(int) - img0.astype(int)).max(-1) > 40
+        assert not (diff & (lab0 > 0) & (lab0 < 255)).any()  # labelled objects untouched
+        changed += diff.sum() > 30
+    assert changed >= 6  # most images get at least one object drawn in their background
+
+
 def test_styles_distinct_classes_and_ade(tmp_path: Path) -> None:
     from csseg_core.data.synth_styles import STYLES, class_look
 

@@ -31,7 +31,7 @@ from PIL import Image
 
 from csseg_core.data.files import voc_colormap
 from csseg_core.data.filter_cache import csseg_home
-from csseg_core.data.synth_styles import STYLES, render_style
+from csseg_core.data.synth_styles import STYLES, draw_clutter, render_style
 from csseg_core.errors import ConfigError
 
 GENERATOR_VERSION = {"voc": 1, "ade": 2}
@@ -146,7 +146,7 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def render(
-    dataset: str, index: int, split_code: int, seed: int, size: int, style: str = "default"
+    dataset: str, index: int, split_code: int, seed: int, size: int, style: str = "default", clutter: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
     """Draw one image and its label map.
 
@@ -157,6 +157,8 @@ def render(
         seed: Dataset seed.
         size: Image side.
         style: ``"default"`` or another of ``synth_styles.STYLES``.
+        clutter: Up to this many unlabelled objects (background) under the labelled ones
+            (:func:`synth_styles.draw_clutter`); 0 draws none, and the image is the same as before.
 
     Returns:
         ``(size x size x 3 uint8 image, size x size uint8 label)``.
@@ -164,9 +166,11 @@ def render(
     n_cls = NUM_FOREGROUND[dataset]
     void = 255 if dataset == "voc" else 0
     if style != "default":
-        return render_style(n_cls, void, style, index, split_code, seed, size)
+        return render_style(n_cls, void, style, index, split_code, seed, size, clutter)
     rng = np.random.default_rng([seed, split_code, index])
     image = _background(rng, size)
+    if clutter:
+        draw_clutter(style, image, clutter, seed, split_code, index)
     label = np.zeros((size, size), dtype=np.uint8)
     for c in object_classes(rng, index, n_cls, (0.4, 0.35, 0.25)):
         style = class_style(c, n_cls)
@@ -211,6 +215,7 @@ def generate(
     seed: int = 0,
     workers: int | None = None,
     style: str = "default",
+    clutter: int = 0,
 ) -> Path:
     """Write a synthetic dataset in the real on-disk layout.
 
@@ -223,6 +228,7 @@ def generate(
         seed: Seed; the same seed writes byte-identical files.
         workers: Writer threads (default: one per core, up to 8).
         style: The look (``synth_styles.STYLES``); ``"default"`` is the embedded dataset's.
+        clutter: Up to this many unlabelled background objects per image (0: none, the default).
 
     Returns:
         ``root``, a data root the readers accept.
@@ -242,6 +248,8 @@ def generate(
             f"synthetic {dataset} needs at least {n_cls} train and val images so "
             f"every class appears (got {n_train} / {n_val})"
         )
+    if not 0 <= int(clutter) <= 10:
+        raise ConfigError(f"clutter {clutter} is out of range; pass 0 (none) to 10 unlabelled objects per image")
     if size < 32:
         raise ConfigError(f"synthetic image size {size} is too small; use 32 or more")
     root = Path(root)
@@ -250,7 +258,7 @@ def generate(
     def write(job: tuple[str, int]) -> str:
         split, i = job
         img_path, lbl_path, name = _layout(root, dataset, split, i)
-        image, label = render(dataset, i, 0 if split == "train" else 1, seed, size, style)
+        image, label = render(dataset, i, 0 if split == "train" else 1, seed, size, style, int(clutter))
         Image.fromarray(image).save(img_path, quality=95)
         lbl = Image.frombytes("P" if dataset == "voc" else "L", (size, size), label.tobytes())
         if dataset == "voc":

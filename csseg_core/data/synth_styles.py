@@ -111,6 +111,13 @@ def _mask(look: dict, rng: np.random.Generator, dx: np.ndarray, dy: np.ndarray) 
         return d <= np.clip(r, 0.35, 1.0)
     if shape == "ring":
         return (d <= 1.0) & (d >= 0.55)
+    if shape == "ellipse":  # the default style's shapes (its clutter objects)
+        return d <= 1.0
+    if shape == "rectangle":
+        return (np.abs(dx) <= 0.85) & (np.abs(dy) <= 0.85)
+    if shape == "triangle":
+        t = (dy + 1.0) / 2.0
+        return (t >= 0.0) & (t <= 1.0) & (np.abs(dx) <= t * 1.1)
     if shape == "diamond":
         return np.abs(dx) + np.abs(dy) <= 1.0
     n = int(shape[4:])  # regular polygon inscribed in the unit circle, random rotation
@@ -138,21 +145,67 @@ def _texture(look: dict, rng: np.random.Generator, ys: np.ndarray, xs: np.ndarra
         return np.ones((len(ys), len(xs)), dtype=np.float32)
     a = np.deg2rad(look["angle"])
     s1 = np.floor((xx * np.cos(a) + yy * np.sin(a)) / (p / 2)) % 2
+    if kind == "checker":
+        return ((s1 + np.floor((-xx * np.sin(a) + yy * np.cos(a)) / (p / 2))) % 2).astype(np.float32)
     if kind == "plaid":
         s2 = np.floor((-xx * np.sin(a) + yy * np.cos(a)) / (p / 2)) % 2
         return (0.5 * (s1 + s2)).astype(np.float32)
     return s1.astype(np.float32)
 
 
+#: shape and texture families of each style's objects (clutter objects draw from the same families)
+_FAMILIES = {
+    "default": (("ellipse", "rectangle", "triangle"), ("stripes", "checker")),
+    "blobs": (("blob",), ("dots", "noise", "grid", "plain", "dots_sparse")),
+    "polygons": (("poly3", "poly4", "poly5", "poly6", "ring", "diamond", "poly7"), ("stripes", "plaid", "plain")),
+}
+
+
+def clutter_look(style: str, rng: np.random.Generator) -> dict:
+    """A random look for an unlabelled (background) object: the style's shapes and textures with a
+    random colour, so it looks like an object of *some* class, but of none of the dataset's."""
+    shapes, textures = _FAMILIES[style]
+    return {
+        "rgb": np.array(colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0.35, 1.0), rng.uniform(0.45, 1.0)),
+                        dtype=np.float32),
+        "texture": str(rng.choice(textures)), "period": float(rng.uniform(4.0, 12.0)),
+        "angle": float(rng.choice([0.0, 30.0, 45.0, 75.0, 90.0, 120.0, 135.0])),
+        "shape": str(rng.choice(shapes)), "lobes": int(rng.integers(3, 7)), "depth": float(rng.uniform(0.18, 0.32)),
+        "radius": (0.12, 0.3),
+    }
+
+
+def draw_clutter(style: str, image: np.ndarray, clutter: int, seed: int, split_code: int, index: int) -> None:
+    """Draw 0..``clutter`` unlabelled objects on ``image`` (in place; the label map keeps them background).
+
+    Real photos are full of objects of no annotated class, which a segmentation model must call
+    background (the "background shift" MiB and SDR are about); without them, every object a
+    step-0 model has seen is an old class, and it calls any new object an old class too. The
+    objects come from their own random stream, so the labelled objects drawn over them are the
+    same as without clutter.
+    """
+    from csseg_core.data.synth import place_object
+
+    rng = np.random.default_rng([seed, split_code, index, 7, _STYLE_ID.get(style, 0)])
+    size = image.shape[0]
+    for _ in range(int(rng.integers(0, clutter + 1))):
+        look = clutter_look(style, rng)
+        rx, ry, cx, cy, _, (y0, y1, x0, x1) = place_object(rng, look["radius"], size, (0.75, 1.33), 0.5)
+        ys, xs = np.arange(y0, y1, dtype=np.float32), np.arange(x0, x1, dtype=np.float32)
+        mask = _mask(look, rng, (xs[None, :] - cx) / rx, (ys[:, None] - cy) / ry)
+        tex = _texture(look, rng, ys, xs)
+        image[y0:y1, x0:x1][mask] = look["rgb"] * (0.55 + 0.45 * tex[mask][:, None])
+
+
 def render_style(dataset_classes: int, void: int, style: str, index: int, split_code: int, seed: int,
-                 size: int) -> tuple[np.ndarray, np.ndarray]:
+                 size: int, clutter: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Draw one image and its label map in ``style`` (not ``default``).
 
     Args:
         dataset_classes: Number of foreground classes (20 for VOC, 150 for ADE).
         void: Label of the ring around objects (255 for VOC, 0 for ADE).
         style: One of :data:`STYLES` other than ``default``.
-        index, split_code, seed, size: As in :func:`csseg_core.data.synth.render`.
+        index, split_code, seed, size, clutter: As in :func:`csseg_core.data.synth.render`.
 
     Returns:
         ``(size x size x 3 uint8 image, size x size uint8 label)``.
@@ -162,6 +215,8 @@ def render_style(dataset_classes: int, void: int, style: str, index: int, split_
     n_cls = dataset_classes
     rng = np.random.default_rng([seed, split_code, index, _STYLE_ID[style]])
     image = _background(style, rng, size)
+    if clutter:
+        draw_clutter(style, image, clutter, seed, split_code, index)
     label = np.zeros((size, size), dtype=np.uint8)
     for c in object_classes(rng, index, n_cls, (0.35, 0.4, 0.25)):  # the guaranteed class is drawn on top
         look = class_look(style, c, n_cls)
