@@ -71,7 +71,7 @@ def data_synth(root: Path = typer.Option(..., help="Where to write the dataset."
         raise ConfigError(f"unknown dataset {dataset!r}; choose voc or ade")
     kwargs = {k: v for k, v in (("n_train", train), ("n_val", val)) if v is not None}
     path = synth.generate(root, dataset=dataset, size=size, seed=seed, style=style, clutter=clutter, **kwargs)
-    extra = f", up to {clutter} unlabelled objects per image" if clutter else ""
+    extra = f", up to {clutter} unlabelled object{'s' * (clutter > 1)} per image" if clutter else ""
     typer.echo(f"wrote a synthetic {dataset} dataset ({style} style{extra}) to {path}")
 
 

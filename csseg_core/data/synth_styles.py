@@ -163,7 +163,7 @@ _FAMILIES = {
 
 def clutter_look(style: str, rng: np.random.Generator) -> dict:
     """A random look for an unlabelled (background) object: the style's shapes and textures with a
-    random colour, so it looks like an object of *some* class, but of none of the dataset's."""
+    random colour, so it looks like the dataset's objects without being one of its classes' looks."""
     shapes, textures = _FAMILIES[style]
     return {
         "rgb": np.array(colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0.35, 1.0), rng.uniform(0.45, 1.0)),
