@@ -604,3 +604,40 @@ def test_every_loss_finite_scalar_with_grad(all_ignored):
             assert value.item() == 0.0, name
     s, c = L.class_feature_sums(f, L.downsample_labels(y, (4, 4)), 5)
     assert torch.isfinite(s).all() and (c.sum() == 0) == all_ignored
+
+
+@pytest.mark.parametrize("kd, q_bg, q_top, new_wins", [
+    (24.0, 0.50, 0.40, True),   # w = 6 (SDR's kd 100 over 16 old classes): 1 + 3 > 2.4
+    (24.0, 0.20, 0.70, False),  # w = 6: the teacher's old class leads its background by 0.5 > 1/6
+    (4.0, 0.02, 0.97, True),    # w = 1 (kd = C_old): the new class wins whatever the teacher says
+])
+def test_unbiased_ce_plus_kd_gives_a_new_pixel_to_the_new_class_iff_1_plus_w_qbg_beats_w_max_qold(kd, q_bg, q_top,
+                                                                                                  new_wins):
+    """On a pixel labelled with the new class, UnCE + kd · UnKD is minimised by p_new = (1 + w q_bg) / (1 + w)
+    and p_c = w q_c / (1 + w), w = kd / C_old (docs/CALIBRATION.md section l): the gradient vanishes there,
+    and gradient descent from zero logits ends with the argmax the inequality predicts."""
+    n_old = 4
+    q = torch.tensor([q_bg, q_top, (1 - q_bg - q_top) * 0.6, (1 - q_bg - q_top) * 0.4], dtype=torch.float64)
+    old_logits = q.log().view(1, n_old, 1, 1)
+    target = torch.full((1, 1, 1), n_old)  # the new class's label
+
+    def loss(x):
+        return L.unbiased_cross_entropy(x, target, n_old) + kd * L.unbiased_knowledge_distillation(x, old_logits)
+
+    w = kd / n_old
+    p = torch.cat([torch.tensor([1e-12], dtype=torch.float64), w * q[1:] / (1 + w),
+                   torch.tensor([(1 + w * q_bg) / (1 + w)], dtype=torch.float64)])
+    x = p.log().view(1, n_old + 1, 1, 1).requires_grad_(True)
+    (grad,) = torch.autograd.grad(loss(x), x)
+    assert grad.abs().max() < 1e-9
+    assert (p[n_old] > p[1:n_old].max()).item() == new_wins == (1 + w * q_bg > w * q_top)
+
+    x = torch.zeros(1, n_old + 1, 1, 1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([x], lr=0.2)
+    for _ in range(300):
+        opt.zero_grad()
+        loss(x).backward()
+        opt.step()
+    probs = x.detach().softmax(1).flatten()
+    assert (probs.argmax().item() == n_old) == new_wins
+    assert probs[n_old].item() == pytest.approx(p[n_old].item(), abs=0.02)
