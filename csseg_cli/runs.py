@@ -194,3 +194,37 @@ def test(checkpoint: Path = typer.Argument(..., help="A checkpoint written by `c
     for name, iou in zip(metrics["class_names"], metrics["class_iou"]):
         names.add_row(name, pct(iou))
     common.console.print(names)
+
+
+@app.command("background-shift")
+@user_errors
+def background_shift(runs: List[Path] = typer.Argument(..., help="Folders written by `csseg train --out`."),
+                     data_root: Optional[Path] = typer.Option(None, help="Dataset root; default: the run's."),
+                     kd: Optional[float] = typer.Option(None, help="Distillation weight to judge 'learnable' by "
+                                                                   "(default: each run's own; 0 without one).")):
+    """What each step's teacher called the classes that step adds, beside their final IoU.
+
+    Under MiB/SDR's unbiased losses a new class takes a pixel only where 1 + w q_bg > w max q_old
+    (q: the teacher's probabilities, w = kd / old classes): "learnable" is that share of its pixels.
+    """
+    from csseg_core.evaluation import background_shift as shift
+    from csseg_core.evaluation import rank_correlation
+
+    rows = []
+    for run in runs:
+        table = Table(title=f"{run.name}: what each step's teacher called the class it adds (test pixels, %)")
+        for col in ("class", "step", "bg", "top old", "share", "learnable", "IoU"):
+            table.add_column(col, min_width=11 if col in ("class", "top old") else None)  # VOC's longest names
+        for r in shift(run, data_root=str(data_root) if data_root else None, kd=kd):
+            rows.append(r)
+            table.add_row(r["name"], str(r["step"]), pct(r["called_bg"]), r["top_old_name"], pct(r["top_share"]),
+                          pct(r["learnable"]), pct(r["final_iou"]))
+        common.console.print(table)
+    iou = [r["final_iou"] for r in rows]
+    rho = rank_correlation([r["learnable"] for r in rows], iou)
+    if rho == rho:  # not NaN
+        typer.echo(f"rank correlation of learnable and final IoU over {len(rows)} classes: {rho:.2f}")
+    typer.echo("bg: share of the class's pixels the teacher called background; top old, share: the old class it "
+               "called them most; learnable: share where 1 + w q_bg > w max q_old (w = kd / old classes), where the "
+               "minimum of unbiased CE + kd x unbiased KD is the new class (docs/CALIBRATION.md section l); IoU: the "
+               "class's test IoU after the run's last step")

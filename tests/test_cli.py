@@ -126,6 +126,57 @@ def test_test_command_prints_the_miou_table(runner, e2e):
     assert runner.invoke(cli.app, ["test", str(ckpt), "--split", "train"]).exit_code != 0
 
 
+def test_background_shift_reports_each_steps_teacher_on_the_classes_it_adds(runner, e2e):
+    """``csseg background-shift``: per class added after step 0, what the model before its step predicted
+    and the share of its pixels where 1 + w q_bg > w max q_old (w = kd / old classes), beside its final IoU."""
+    import torch
+
+    from csseg_core.config import ExperimentConfig
+    from csseg_core.data import build_datasets
+    from csseg_core.evaluation import background_shift
+    from csseg_core.models import build_model, load_previous
+
+    _, out = e2e
+    final = read_rows(out / "steps.parquet")[5]["class_iou"]
+    ft = background_shift(out)  # FT has no kd: w = 0, every pixel learnable
+    assert [(r["class"], r["step"], r["name"]) for r in ft] == [
+        (16, 1, "pottedplant"), (17, 2, "sheep"), (18, 3, "sofa"), (19, 4, "train"), (20, 5, "tvmonitor")]
+    assert all(r["learnable"] == 1.0 for r in ft)
+    assert [r["final_iou"] for r in ft] == pytest.approx(final[16:])
+    assert all(0 <= r["called_bg"] <= 1 and 0 <= r["top_share"] <= 1 - r["called_bg"] + 1e-9 for r in ft)
+    strict, mid = background_shift(out, kd=1e9), background_shift(out, kd=48.0)
+    for s, m in zip(strict, mid):  # w -> inf: learnable iff the teacher's background beats every old class
+        assert s["learnable"] == pytest.approx(s["called_bg"], abs=1e-3)
+        assert s["learnable"] <= m["learnable"] <= 1.0
+
+    # pottedplant at kd 48 (w = 3), counted independently pixel by pixel with the step-0 model
+    cfg = ExperimentConfig.from_dict(yaml.safe_load((out / "config.yaml").read_text()))
+    teacher = build_model(cfg.backbone, (16,), pretrained=None, **cfg.model_kwargs())
+    load_previous(teacher, load_state(next((out / "checkpoints").glob("step0-*.pt")))["model"])
+    teacher.eval()
+    test = build_datasets("voc", cfg.data_root, get_scenario("voc-15-1"), "disjoint", 5, crop_size=cfg.crop_size,
+                          splits=("test",), val_fraction=cfg.val_fraction)["test"]
+    wins = total = 0
+    with torch.no_grad():
+        for i in range(len(test)):
+            image, label = test[i]
+            if not (label == 16).any():
+                continue
+            q = torch.softmax(teacher(image[None])[0][0], 0)[:, label == 16]
+            wins += int((1 + 3 * q[0] > 3 * q[1:].max(0).values).sum())
+            total += int((label == 16).sum())
+    assert total > 0 and mid[0]["learnable"] == pytest.approx(wins / total, abs=1e-6)
+
+    result = runner.invoke(cli.app, ["background-shift", str(out), "--kd", "48"])
+    assert result.exit_code == 0, result.output
+    rows = _table_rows(result.stdout)
+    assert [r[:2] for r in rows] == [["pottedplant", "1"], ["sheep", "2"], ["sofa", "3"], ["train", "4"],
+                                     ["tvmonitor", "5"]]
+    assert [r[5] for r in rows] == [_pct(m["learnable"]) for m in mid] and rows[0][6] == _pct(final[16])
+    bad = runner.invoke(cli.app, ["background-shift", str(out), "--kd", "-1"])
+    assert bad.exit_code != 0 and "kd -1.0 is not a weight" in bad.output
+
+
 def test_step_ckpt_starts_from_the_given_state(runner, e2e, voc_root, tmp_path):
     _, out = e2e
     step0 = next((out / "checkpoints").glob("step0-*.pt"))
