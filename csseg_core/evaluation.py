@@ -85,8 +85,8 @@ def background_shift(run_dir: str | Path, *, data_root: str | None = None, kd: f
     params = cfg.method_params
     alpha = float(params.get("alpha", 1.0))
     kd = float(params.get("kd", 0.0) if kd is None else kd)
-    if not kd >= 0:
-        raise ConfigError(f"kd {kd} is not a weight; pass a number >= 0")
+    if not 0 <= kd < float("inf"):
+        raise ConfigError(f"kd {kd} is not a weight; pass a finite number >= 0")
     root = cfg.data_root or str(default_data_root(scenario.dataset))
     test = build_datasets(scenario.dataset, root, scenario, cfg.mode, last, crop_size=cfg.crop_size,
                           crop_val=cfg.crop_val, index_dir=cfg.index_dir, splits=("test",), cache_images=False,
@@ -119,13 +119,13 @@ def background_shift(run_dir: str | Path, *, data_root: str | None = None, kd: f
                 wins = (1 + w * q[:, 0] > w * q[:, 1:].max(1).values).double()
                 learnable.index_add_(0, c.cpu(), wins.cpu())
         for j in range(n_new):
-            total = max(float(counts[j].sum()), 1.0)
-            share = counts[j] / total
-            top = int(share[1:].argmax()) + 1
+            total = float(counts[j].sum())  # 0: the class has no test pixel (NaN shares)
+            share = counts[j] / total if total else torch.full((n_old,), float("nan"), dtype=torch.float64)
+            top = int(counts[j][1:].argmax()) + 1
             cls = n_old + j
             rows.append({"class": cls, "name": names[cls], "step": step, "called_bg": float(share[0]),
                          "top_old": top, "top_old_name": names[top], "top_share": float(share[top]),
-                         "learnable": float(learnable[j]) / total,
+                         "learnable": float(learnable[j]) / total if total else float("nan"),
                          "final_iou": float(final[cls]) if cls < len(final) else float("nan")})
     return rows
 

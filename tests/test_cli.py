@@ -175,6 +175,8 @@ def test_background_shift_reports_each_steps_teacher_on_the_classes_it_adds(runn
     assert [r[5] for r in rows] == [_pct(m["learnable"]) for m in mid] and rows[0][6] == _pct(final[16])
     bad = runner.invoke(cli.app, ["background-shift", str(out), "--kd", "-1"])
     assert bad.exit_code != 0 and "kd -1.0 is not a weight" in bad.output
+    no_run = runner.invoke(cli.app, ["background-shift", str(out.parent)])  # no config.yaml there
+    assert no_run.exit_code != 0 and "config.yaml does not exist" in no_run.output
 
 
 def test_step_ckpt_starts_from_the_given_state(runner, e2e, voc_root, tmp_path):
