@@ -15,7 +15,9 @@ the same ``--out`` finishes an interrupted table.
 
 Datasets: ``default`` (the embedded set, 1200 train / 300 val, 96 px), ``blobs`` and ``polygons``
 (``csseg data synth --style blobs --train 300 --val 200 --seed 1 --size 96`` and ``--style polygons
-... --seed 2 --size 80``, generated under ``OUT/data``), or the path of any VOC-layout data root.
+... --seed 2 --size 80``, generated under ``OUT/data``), their ``-clutter1`` / ``-clutter3`` versions
+(the same data with ``--clutter 1`` / ``3``: unlabelled background objects), or the path of any
+VOC-layout data root.
 
 The table: step-0 test mIoU, final (last step) test old / new and validation old / new per
 dataset and method, mean ± std over the seeds, and whether issue 9's targets hold on the means
@@ -37,6 +39,9 @@ VARIANTS = {  # name -> `csseg data synth` arguments
     "blobs": ["--style", "blobs", "--train", "300", "--val", "200", "--seed", "1", "--size", "96"],
     "polygons": ["--style", "polygons", "--train", "300", "--val", "200", "--seed", "2", "--size", "80"],
 }
+# the same labelled objects with up to N unlabelled ones in the background (docs/CALIBRATION.md section l)
+VARIANTS.update({f"{name}-clutter{n}": [*args, "--clutter", str(n)] for name, args in list(VARIANTS.items())
+                 for n in (1, 3)})
 METHODS = ("sdr", "ft", "mib")  # SDR first: its step 0 holds the prototypes, FT and MiB reuse it
 TARGETS = {"step0": 0.60, "joint": 0.70, "ft_old_max": 0.15, "old": 0.45, "new": 0.15}
 
@@ -145,7 +150,8 @@ def table(records: list[dict]) -> tuple[list[str], list[list[str]], dict]:
 
 def main() -> None:
     p = C.parser(__doc__.splitlines()[0])
-    p.add_argument("--datasets", default="default,blobs,polygons", help="comma-separated: default, blobs, polygons or a data root")
+    p.add_argument("--datasets", default="default,blobs,polygons", help="comma-separated: default, blobs, polygons, "
+                   "blobs-clutter1|3, polygons-clutter1|3 or a data root")
     p.add_argument("--seeds", type=int, default=2, help="seeds 0..N-1 per dataset")
     p.add_argument("--methods", default=",".join(METHODS), help="methods run on --scenario")
     p.add_argument("--scenario", default="voc-15-1")
