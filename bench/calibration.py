@@ -19,8 +19,10 @@ Datasets: ``default`` (the embedded set, 1200 train / 300 val, 96 px), ``blobs``
 (the same data with ``--clutter 1`` / ``3``: unlabelled background objects), or the path of any
 VOC-layout data root.
 
-The table: step-0 test mIoU, final (last step) test old / new and validation old / new per
-dataset and method, mean ± std over the seeds, and whether issue 9's targets hold on the means
+The table, per dataset and method: step-0 test mIoU, final (last step) test old / new and validation
+old / new as mean ± std over the seeds; per seed, how many new classes are "learnable" under the
+method's kd (``csseg background-shift``: at least half their test pixels lie where the loss's minimum
+is the new class; docs/CALIBRATION.md section l); and whether issue 9's targets hold on the means
 (step 0 ≥ 0.60, joint ≥ 0.70, FT final old ≤ 0.15, SDR and MiB final old ≥ 0.45 and new ≥ 0.15).
 """
 
@@ -79,6 +81,22 @@ def finished_rows(run: Path, n_steps: int) -> list[dict] | None:
     return rows if len(rows) >= n_steps else None
 
 
+def learnable_classes(run: Path, home: str) -> int:
+    """New classes of which the unbiased losses let at least half the pixels go to the class under the run's
+    kd (``csseg background-shift``'s "learnable" >= 0.5; docs/CALIBRATION.md section l)."""
+    from csseg_core.evaluation import background_shift
+
+    old = os.environ.get("CSSEG_HOME")
+    os.environ["CSSEG_HOME"] = home  # the runs' own home: the embedded dataset lives there
+    try:
+        return sum(r["learnable"] >= 0.5 for r in background_shift(run))
+    finally:
+        if old is None:
+            os.environ.pop("CSSEG_HOME", None)
+        else:
+            os.environ["CSSEG_HOME"] = old
+
+
 def run_all(a, out: Path) -> tuple[list[dict], float]:
     """Run (or read) every (dataset, seed, method) run; one record per run."""
     from csseg_core.config import parse_set, resolve_config
@@ -105,7 +123,8 @@ def run_all(a, out: Path) -> tuple[list[dict], float]:
                 first, last = rows[0], rows[-1]
                 rec = {"dataset": Path(ds).name, "seed": seed, "method": method, "wall_s": wall,
                        "step0": first["miou_all"], "old": last["miou_old"], "new": last["miou_new"],
-                       "val_old": last["val_miou_old"], "val_new": last["val_miou_new"]}
+                       "val_old": last["val_miou_old"], "val_new": last["val_miou_new"],
+                       "learnable": float("nan") if method == "joint" else float(learnable_classes(run, env["CSSEG_HOME"]))}
                 records.append(rec)
                 print(f"[bench] {tag}: step 0 {rec['step0']:.3f} final old {_f(rec['old'])} new {_f(rec['new'])} "
                       f"({'read' if math.isnan(wall) else f'{wall:.0f} s'})", flush=True)
@@ -132,15 +151,17 @@ def verdict(method: str, m: dict) -> str:
 def table(records: list[dict]) -> tuple[list[str], list[list[str]], dict]:
     from sweeper.reeval import mean_std
 
-    columns = ["dataset", "method", "seeds", "step 0", "final old", "final new", "val old", "val new", "targets"]
+    columns = ["dataset", "method", "seeds", "step 0", "final old", "final new", "val old", "val new",
+               "learnable new classes", "targets"]
     rows, figures = [], {}
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in records:
         groups.setdefault((r["dataset"], r["method"]), []).append(r)
     for (ds, method), recs in groups.items():
-        stats = {k: mean_std([r[k] for r in recs]) for k in ("step0", "old", "new", "val_old", "val_new")}
+        stats = {k: mean_std([r[k] for r in recs]) for k in ("step0", "old", "new", "val_old", "val_new", "learnable")}
         means = {k: v["mean"] for k, v in stats.items()}
         cells = [f"{_f(v['mean'])} ± {_f(v['std'])}" if v["n"] > 1 else _f(v["mean"]) for v in stats.values()]
+        cells[-1] = "–" if method == "joint" else " / ".join(str(int(r["learnable"])) for r in recs)  # per seed
         rows.append([ds, method, str(len(recs)), *cells, verdict(method, means)])
         key = f"{ds}/{method}"
         figures[key] = (f"{_f(means['step0'])}" if method == "joint" else
