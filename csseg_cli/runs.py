@@ -5,6 +5,7 @@ Also the ``--config`` reader of ``csseg train`` (:func:`load_config_file`, :func
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import List, Optional
 
@@ -222,7 +223,7 @@ def background_shift(runs: List[Path] = typer.Argument(..., help="Folders writte
         common.console.print(table)
     iou = [r["final_iou"] for r in rows]
     rho = rank_correlation([r["learnable"] for r in rows], iou)
-    if rho == rho:  # not NaN
+    if not math.isnan(rho):  # fewer than 3 classes, or a constant column
         typer.echo(f"rank correlation of learnable and final IoU over {len(rows)} classes: {rho:.2f}")
     typer.echo("bg: share of the class's pixels the teacher called background; top old, share: the old class it "
                "called them most; learnable: share where 1 + w q_bg > w max q_old (w = kd / old classes), where the "

@@ -341,14 +341,17 @@ def trial_driver(config: dict, ctx: dict) -> None:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
             callbacks=[] if in_process else [TuneReportCallback()]),
     )
+
+    def stopped_by_tune() -> bool:
+        return (tune_end(sweep_dir, trial_id) or {}).get("ended") == "complete"
+
     try:
         if in_process:
-            _fit_in_process(trainer, ctx["max_failures"], max(1, int(cpus)),
-                            lambda: (tune_end(sweep_dir, trial_id) or {}).get("ended") == "complete")
+            _fit_in_process(trainer, ctx["max_failures"], max(1, int(cpus)), stopped_by_tune)
         else:
             trainer.fit()
     except Exception as err:  # noqa: BLE001 - every failure is recorded, then re-raised for Tune
-        if (tune_end(sweep_dir, trial_id) or {}).get("ended") == "complete":
+        if stopped_by_tune():
             # Tune (ASHA) stopped this trial (after a step, or at its last one) and is tearing its
             # actor down: the Train controller and workers die with it and fit() raises
             # (ActorDiedError, ...). Not a failure: tables.py decides ok/stopped from Tune's record.

@@ -133,3 +133,16 @@ def test_all_reduce_two_gloo_processes_match_one_process(tmp_path):
     for rank in range(2):
         reduced = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert torch.equal(reduced, single.mat)
+
+
+def test_rank_correlation_is_spearmans_with_average_ranks_for_ties():
+    from csseg_core.evaluation import rank_correlation
+
+    assert rank_correlation([1, 2, 3, 4], [10, 20, 35, 90]) == pytest.approx(1.0)
+    assert rank_correlation([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ties: ranks [0, 1.5, 1.5, 3] against [0, 1, 2, 3] -> Pearson of the ranks = 0.9486832...
+    assert rank_correlation([1, 2, 2, 3], [5, 6, 7, 8]) == pytest.approx(3 / math.sqrt(10), abs=1e-9)
+    nan = float("nan")
+    assert rank_correlation([1, nan, 2, 3], [1, 9, 2, 3]) == pytest.approx(1.0)  # NaN pairs dropped
+    assert math.isnan(rank_correlation([1, 1, 1], [1, 2, 3]))  # a constant column has no ranking
+    assert math.isnan(rank_correlation([1, 2], [2, 1]))  # fewer than three pairs
